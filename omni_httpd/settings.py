@@ -1,0 +1,42 @@
+"""Daemon settings: what `tap.Options` parses and every service reads."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+def default_data_dir() -> str:
+    """Per-user location of the embedded cluster.
+
+    Root gets /var/lib/omni_httpd (the unprivileged account that runs PostgreSQL must be
+    able to reach it, which it cannot below /root); everyone else gets
+    $XDG_DATA_HOME/omni_httpd (~/.local/share/omni_httpd).
+    """
+    if os.geteuid() == 0:
+        return "/var/lib/omni_httpd"
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "omni_httpd")
+
+
+@dataclass
+class Settings:
+    dsn: Optional[str] = None                 # None: embedded PostgreSQL
+    data_dir: str = field(default_factory=default_data_dir)
+    http_workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    init: bool = True                          # False with --no-init
+    init_port: int = 8080
+    init_listen_address: str = "127.0.0.1"
+    admin: Optional[str] = "tcp:8081:interface=127.0.0.1"   # None: console disabled
+    admin_password: Optional[str] = None
+    admin_password_file: Optional[str] = None
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
+    max_body: int = 16 * 1024 * 1024
+    max_header_size: int = 64 * 1024          # all header lines together
+    header_timeout: float = 30.0               # slow-header (slowloris) limit
+    idle_timeout: float = 60.0                 # keep-alive idle connection limit
+    body_timeout: float = 60.0                 # a body must keep arriving
+    shutdown_grace: float = 10.0               # SIGTERM: how long in-flight requests may run
+    handler_timeout: float = 0.0               # statement_timeout for handlers, 0 = none
+    access_log: bool = True
