@@ -1,0 +1,232 @@
+"""The master service: start-up and shutdown, in order, in one place.
+
+Start: (embedded PostgreSQL) -> schema migrations -> default listener (unless --no-init)
+-> LISTEN for configuration changes -> bind listeners -> spawn workers -> first
+configuration applied and recorded -> admin console.
+Stop (SIGTERM/SIGINT): admin console off -> workers stop accepting, finish in-flight
+requests within the grace period and exit -> sockets closed -> database connection
+closed -> embedded PostgreSQL stopped.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from typing import Optional
+
+import psycopg2
+from twisted.application import service
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+
+from omni_httpd import migrations, queries
+from omni_httpd.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError
+from omni_httpd.fleet import Fleet
+from omni_httpd.reload import Reloader
+from omni_httpd.scoreboard import Scoreboard
+from omni_httpd.settings import Settings
+
+log = Logger()
+
+
+class StartupError(Exception):
+    """Fatal start-up problem; str() is the one line the operator sees."""
+
+
+def one_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[0] if lines else exc.__class__.__name__
+
+
+class MasterService(service.MultiService):
+    def __init__(self, settings: Settings, reactor=None):
+        super().__init__()
+        self.settings = settings
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+            reactor = default_reactor
+        self.reactor = reactor
+        self.embedded: Optional[EmbeddedPostgres] = None
+        self.dsn = settings.dsn
+        self.db = None
+        self.fleet: Optional[Fleet] = None
+        self.reloader: Optional[Reloader] = None
+        self.scoreboard: Optional[Scoreboard] = None
+        self.run_dir: Optional[str] = None
+        self.admin_port = None
+        self.ready = defer.Deferred()
+        self._failed = False
+
+    # -- start ------------------------------------------------------------------------------
+    def startService(self) -> None:
+        super().startService()
+        d = defer.ensureDeferred(self._start())
+        d.addErrback(self._fatal)
+
+    async def _start(self) -> None:
+        settings = self.settings
+        if self.dsn is None:
+            self.embedded = EmbeddedPostgres(settings.data_dir)
+            try:
+                created = await threads.deferToThread(self.embedded.start)
+            except EmbeddedPostgresError as exc:
+                raise StartupError(str(exc))
+            self.dsn = self.embedded.dsn
+            log.info("embedded PostgreSQL {state} in {dir}; connect with: psql \"{dsn}\"",
+                     state="created" if created else "reused", dir=self.embedded.pgdata, dsn=self.dsn)
+        try:
+            applied = await threads.deferToThread(migrations.apply, self.dsn)
+        except psycopg2.OperationalError as exc:
+            raise StartupError("cannot connect to the database: %s" % one_line(exc))
+        if applied:
+            log.info("schema migrations applied: {names}", names=", ".join(applied))
+        if settings.init:
+            await threads.deferToThread(self._initialize_default)
+
+        self.db = await self._connect()
+        self.run_dir = tempfile.mkdtemp(prefix="omni_httpd_")
+        self.scoreboard = Scoreboard(os.path.join(self.run_dir, "scoreboard"), settings.http_workers, create=True)
+        self.reloader = Reloader(settings, self.db, settings.http_workers)
+        await self.reloader.load()
+        self.fleet = Fleet(self.reactor, settings, self.dsn, self.run_dir, self.scoreboard,
+                           self.reloader.listener_fds, self.reloader.config_message)
+        self.reloader.fleet = self.fleet
+        self.fleet.start()
+        await self.reloader.apply()
+        self.db.addNotifyObserver(self._notified)
+        await self.db.runOperation(queries.LISTEN)
+        # A change committed between the first load and LISTEN would be missed: look again.
+        self.reloader.request()
+        await self._start_admin()
+        log.info("omni_httpd ready: {workers} HTTP worker(s); {summary}",
+                 workers=settings.http_workers, summary=self.reloader.summary())
+        self.ready.callback(None)
+
+    def _initialize_default(self) -> None:
+        connection = psycopg2.connect(self.dsn)
+        try:
+            migrations.initialize_default(connection, self.settings.init_listen_address, self.settings.init_port)
+        finally:
+            connection.close()
+
+    async def _connect(self):
+        from txpostgres import reconnection, txpostgres
+
+        detector = reconnection.DeadConnectionDetector()
+        connection = txpostgres.Connection(reactor=self.reactor, detector=detector)
+        try:
+            await connection.connect(self.dsn)
+        except psycopg2.Error as exc:
+            raise StartupError("cannot connect to the database: %s" % one_line(exc))
+        detector.addRecoveryHandler(self._database_recovered)
+        return connection
+
+    def _database_recovered(self):
+        log.info("database connection recovered; listening again and reloading")
+        d = self.db.runOperation(queries.LISTEN)
+        d.addCallback(lambda _: self.reloader.request())
+        d.addErrback(lambda f: log.error("after reconnecting: {error}", error=one_line(f.value)))
+        return d
+
+    def _notified(self, notify) -> None:
+        if notify.channel == queries.NOTIFY_CHANNEL and self.reloader is not None:
+            self.reloader.request()
+
+    async def _start_admin(self) -> None:
+        if not self.settings.admin:
+            return
+        from twisted.internet import endpoints
+        from twisted.web.server import Site
+
+        from omni_httpd.console import AdminConsole
+
+        console = AdminConsole(self.state, self.dsn, password=self.settings.admin_password,
+                               password_file=self.settings.admin_password_file, reactor=self.reactor)
+        endpoint = endpoints.serverFromString(self.reactor, self.settings.admin)
+        try:
+            self.admin_port = await endpoint.listen(Site(console.resource()))
+        except Exception as exc:
+            raise StartupError("admin console: cannot listen on %s: %s" % (self.settings.admin, one_line(exc)))
+        address = self.admin_port.getHost()
+        host = getattr(address, "host", "")
+        log.info("admin console listening on http://{host}:{port}/", host=host, port=getattr(address, "port", ""))
+        if console.generated_password:
+            log.warn("admin console password (generated, shown once): {password}",
+                     password=console.generated_password)
+
+    @property
+    def state(self):
+        return MasterState(self)
+
+    # -- failure and stop ---------------------------------------------------------------------
+    def _fatal(self, failure) -> None:
+        if failure.check(StartupError):
+            message = str(failure.value)
+        else:
+            log.failure("start-up failed", failure)
+            message = one_line(failure.value)
+        log.critical("omni_httpd cannot start: {message}", message=message)
+        sys.stderr.write("omni_httpd: error: %s\n" % message)
+        sys.stderr.flush()
+        self._failed = True
+        if not self.ready.called:
+            self.ready.errback(failure)
+            self.ready.addErrback(lambda _: None)
+        self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+        if self.reactor.running:
+            self.reactor.stop()
+        else:
+            self.reactor.callWhenRunning(self.reactor.stop)
+
+    def stopService(self):
+        super().stopService()
+        return defer.ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        log.info("shutting down")
+        if self.admin_port is not None:
+            await self.admin_port.stopListening()
+        if self.fleet is not None:
+            await self.fleet.stop(self.settings.shutdown_grace)
+        if self.reloader is not None:
+            self.reloader.close()
+        if self.db is not None:
+            try:
+                self.db.close()
+            except Exception:
+                pass
+        if self.scoreboard is not None:
+            self.scoreboard.close()
+        if self.run_dir is not None:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        if self.embedded is not None:
+            await threads.deferToThread(self.embedded.stop)
+            log.info("embedded PostgreSQL stopped")
+        log.info("stopped")
+
+
+class MasterState:
+    """What the admin console reads: live, cheap, no database round trip."""
+
+    def __init__(self, master: MasterService):
+        self._master = master
+
+    def workers(self):
+        if self._master.scoreboard is None:
+            return []
+        return self._master.scoreboard.snapshot()
+
+    def listeners(self):
+        if self._master.reloader is None:
+            return []
+        return self._master.reloader.listener_states()
+
+    def last_reload(self):
+        if self._master.reloader is None:
+            return None
+        return self._master.reloader.last_reload
+
+    def request_reload(self) -> None:
+        if self._master.reloader is not None:
+            self._master.reloader.request()

@@ -1,0 +1,30 @@
+"""The few SQL statements the daemon itself issues. Everything else lives in sql/*.sql."""
+
+NOTIFY_CHANNEL = "omni_httpd_reload"
+
+LISTEN = "LISTEN " + NOTIFY_CHANNEL
+
+# One row per listener with the handler it serves (the lowest attached handler id).
+LOAD_CONFIGURATION = """
+SELECT l.id, host(l.address), l.port, l.protocol::text, h.id, h.query, h.role_name::text
+FROM omni_httpd.listeners l
+LEFT JOIN LATERAL (
+    SELECT hd.id, hd.query, hd.role_name
+    FROM omni_httpd.listeners_handlers lh
+    JOIN omni_httpd.handlers hd ON hd.id = lh.handler_id
+    WHERE lh.listener_id = l.id
+    ORDER BY hd.id
+    LIMIT 1
+) h ON true
+ORDER BY l.id
+"""
+
+# Bookkeeping: does not request a reload (the trigger ignores effective_port-only updates).
+SET_EFFECTIVE_PORT = """
+UPDATE omni_httpd.listeners SET effective_port = %s
+WHERE id = %s AND effective_port IS DISTINCT FROM %s
+"""
+
+RECORD_RELOAD = "INSERT INTO omni_httpd.configuration_reloads DEFAULT VALUES"
+
+LAST_RELOAD = "SELECT max(happened_at) FROM omni_httpd.configuration_reloads"

@@ -1,0 +1,244 @@
+"""An HTTP worker process: `python -m omni_httpd.worker` (spawned by fleet.py).
+
+Main thread: the Twisted reactor, all network I/O (listeners adopted from the master,
+the sibling socket, the control channel). One DB thread (dbthread.py) holds the
+worker's only PostgreSQL connection and runs every handler.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+from typing import Dict, List
+
+from twisted.internet import defer
+from twisted.logger import Logger, formatEvent, globalLogBeginner
+
+from omni_httpd.settings import Settings
+
+log = Logger()
+
+CONTROL_FD = 3
+
+
+class Worker:
+    def __init__(self, reactor, slot: int, run_dir: str, settings: Settings, dsn: str,
+                 inherited: Dict[str, int]):
+        self.reactor = reactor
+        self.slot = slot
+        self.run_dir = run_dir
+        self.settings = settings
+        self.dsn = dsn
+        self.inherited = {int(k): v for k, v in inherited.items()}
+        self.label = "w%d" % slot
+        self.handler_map: Dict[int, int] = {}      # listener id -> handler id
+        self.ports: Dict[int, tuple] = {}           # listener id -> (bind_id, port, factory)
+        self.control = None
+        self.dbthread = None
+        self.dispatcher = None
+        self.sibling_port = None
+        self.stopping = False
+
+    # -- start-up ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        from omni_httpd import control
+        from omni_httpd.dbthread import DBThread
+        from omni_httpd.dispatch import Dispatcher, sibling_socket_path
+        from omni_httpd.outcome import LocalExecutor
+        from omni_httpd.scoreboard import Scoreboard
+        from omni_httpd.siblings import SiblingServer
+
+        settings = self.settings
+        self.scoreboard = Scoreboard(os.path.join(self.run_dir, "scoreboard"), settings.http_workers)
+        self.dbthread = DBThread(self.dsn, reactor=self.reactor, handler_timeout=settings.handler_timeout,
+                                 application_name="omni_httpd worker %d" % self.slot)
+        self.dbthread.on_busy_change(lambda busy: self.scoreboard.set_busy(self.slot, busy))
+        try:
+            await self.dbthread.start()
+        except Exception as exc:
+            log.error("cannot connect to the database: {error}", error=str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc))
+            self.reactor.callLater(0, self._exit, 3)
+            return
+        executor = LocalExecutor(self.dbthread, self.handler_map.get, reactor=self.reactor, settings=settings)
+        self.dispatcher = Dispatcher(executor, self.dbthread, self.scoreboard, self.slot,
+                                     self.run_dir, settings.http_workers)
+        path = sibling_socket_path(self.run_dir, self.slot)
+        if os.path.exists(path):
+            os.unlink(path)
+        self.sibling_port = self.reactor.listenUNIX(path, SiblingServer(self.dispatcher.run_forwarded))
+        self.control = control.adopt(self.reactor, CONTROL_FD,
+                                     control.ControlProtocol(self.on_message, self.on_control_lost))
+        self.control.send({"type": "ready", "pid": os.getpid()})
+
+    def _exit(self, code: int) -> None:
+        os._exit(code)
+
+    # -- control ----------------------------------------------------------------------------------
+    def on_message(self, message: dict, fds: List[int]) -> None:
+        kind = message.get("type")
+        if kind == "config":
+            self.apply(message, fds)
+        elif kind == "stop":
+            self.settings.shutdown_grace = float(message.get("grace", self.settings.shutdown_grace))
+            if not self.stopping:
+                self.reactor.stop()
+        else:
+            for fd in fds:
+                os.close(fd)
+
+    def on_control_lost(self) -> None:
+        # The master is gone: nobody will restart or reconfigure us. Finish and exit.
+        if not self.stopping and self.reactor.running:
+            log.warn("control channel to the master lost; stopping")
+            self.reactor.stop()
+
+    def apply(self, message: dict, fds: List[int]) -> None:
+        generation = int(message["generation"])
+        wanted = {entry["id"]: entry for entry in message["listeners"]}
+        used_fds = set()
+        errors = []
+        for listener_id, entry in wanted.items():
+            current = self.ports.get(listener_id)
+            if current is not None and current[0] == entry["bind_id"]:
+                continue
+            if "fd_index" in entry:
+                fd = fds[entry["fd_index"]]
+            else:
+                fd = self.inherited.get(entry["bind_id"])
+            if fd is None:
+                errors.append("listener %d: no socket received" % listener_id)
+                continue
+            used_fds.add(fd)
+            try:
+                port, factory = self._listen(fd, entry)
+            except Exception as exc:
+                errors.append("listener %d: %s" % (listener_id, exc))
+                continue
+            if current is not None:
+                self._retire(current)
+            self.ports[listener_id] = (entry["bind_id"], port, factory)
+        for listener_id in [i for i in self.ports if i not in wanted]:
+            self._retire(self.ports.pop(listener_id))
+        for fd in list(fds) + list(self.inherited.values()):
+            if fd not in used_fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.inherited = {}
+
+        handlers = {}
+        new_map = {}
+        for listener_id, entry in wanted.items():
+            handler = entry.get("handler")
+            if handler is not None:
+                handlers[handler["id"]] = (handler["query"], handler["role_name"])
+                new_map[listener_id] = handler["id"]
+        # Requests dispatched from now on use the new map and are queued after the
+        # installation below; requests already queued run first with the old one.
+        self.handler_map.clear()
+        self.handler_map.update(new_map)
+        d = self.dbthread.apply_configuration(generation, handlers)
+
+        def applied(install_errors):
+            for handler_id, error in sorted((install_errors or {}).items()):
+                errors.append("handler %s cannot be installed: %s" % (handler_id, error))
+            self.control.send({"type": "applied", "generation": generation, "errors": errors})
+
+        def failed(failure):
+            errors.append("applying the configuration failed: %s" % failure.getErrorMessage())
+            self.control.send({"type": "applied", "generation": generation, "errors": errors})
+
+        d.addCallbacks(applied, failed)
+
+    def _listen(self, fd: int, entry: dict):
+        from omni_httpd.connection import ServerFactory
+
+        scheme = entry["protocol"]
+        factory = ServerFactory(self.dispatcher.dispatch, self.settings, entry["id"], scheme,
+                                clock=self.reactor, worker_label=self.label)
+        served = factory
+        if scheme == "https":
+            from twisted.protocols.tls import TLSMemoryBIOFactory
+
+            from omni_httpd.tls import server_context_factory
+
+            served = TLSMemoryBIOFactory(server_context_factory(self.settings.tls_cert, self.settings.tls_key),
+                                         False, factory)
+        port = self.reactor.adoptStreamPort(fd, entry.get("family", socket.AF_INET), served)
+        os.close(fd)
+        return port, factory
+
+    def _retire(self, current: tuple) -> None:
+        _bind_id, port, factory = current
+        port.stopListening()
+        factory.graceful_close()
+
+    # -- shutdown ---------------------------------------------------------------------------------
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish (bounded), close the database."""
+        self.stopping = True
+        for _bind_id, port, factory in self.ports.values():
+            await port.stopListening()
+            factory.graceful_close()
+        deadline = time.monotonic() + max(self.settings.shutdown_grace, 0)
+        while any(factory.connections for _b, _p, factory in self.ports.values()) and time.monotonic() < deadline:
+            d = defer.Deferred()
+            self.reactor.callLater(0.05, d.callback, None)
+            await d
+        for _bind_id, _port, factory in self.ports.values():
+            for connection in list(factory.connections):
+                transport = getattr(connection, "transport", None)
+                if transport is not None:
+                    transport.abortConnection()
+        if self.sibling_port is not None:
+            await self.sibling_port.stopListening()
+        if self.dispatcher is not None:
+            self.dispatcher.close()
+        if self.dbthread is not None:
+            await self.dbthread.stop()
+
+
+def _log_to_stderr(stream=sys.stderr):
+    """Worker log lines are `level|text`; the master relays them into its own log."""
+
+    def observer(event):
+        try:
+            text = formatEvent(event)
+            failure = event.get("log_failure")
+            if failure is not None:
+                text = text + "\n" + failure.getTraceback()
+            level = event.get("log_level")
+            name = level.name if level is not None else "info"
+            stream.write("".join("%s|%s\n" % (name, line) for line in text.splitlines() or [""]))
+            stream.flush()
+        except Exception:
+            pass
+
+    return observer
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="omni_httpd.worker")
+    parser.add_argument("--slot", type=int, required=True)
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--inherited", default="{}")
+    args = parser.parse_args(argv)
+    settings = Settings(**json.loads(os.environ.get("OMNI_HTTPD_WORKER_SETTINGS", "{}")))
+    dsn = os.environ["OMNI_HTTPD_WORKER_DSN"]
+    globalLogBeginner.beginLoggingTo([_log_to_stderr()], redirectStandardIO=False)
+
+    from twisted.internet import reactor
+
+    worker = Worker(reactor, args.slot, args.run_dir, settings, dsn, json.loads(args.inherited))
+    reactor.addSystemEventTrigger("before", "shutdown", lambda: defer.ensureDeferred(worker.stop()))
+    reactor.callWhenRunning(lambda: defer.ensureDeferred(worker.start()).addErrback(
+        lambda f: (log.failure("worker start-up failed", f), reactor.callLater(0, worker._exit, 3))))
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()
