@@ -1,0 +1,580 @@
+"""HTTP/2 server side of one connection (h2c prior knowledge or TLS with ALPN "h2").
+
+The h2 library is the state machine (bytes in, events and bytes out); this module turns
+its events into `Request`s for the dispatcher and writes `Response`s back, one stream at
+a time, respecting flow control in both directions. Every stream is dispatched with
+``allow_remote=True``: the dispatcher may run it on an idle sibling worker.
+
+Decisions worth knowing:
+
+- Request bodies are acknowledged as they arrive (so a client can keep sending) and kept
+  in memory up to ``settings.max_body`` per stream; more gets a 413 and the rest of the
+  stream is refused with RST_STREAM(NO_ERROR), as RFC 9113 section 8.1 allows.
+- A header list over ``settings.max_header_size`` gets a 431 on its stream. The hpack
+  decoder's own hard limit is set well above it, so only absurd header blocks cost the
+  connection (GOAWAY ENHANCE_YOUR_CALM, from h2).
+- h2 refuses to send anything once a GOAWAY went through its state machine, so a
+  graceful GOAWAY is written by hand (`_send_graceful_goaway`): in-flight streams still
+  finish, streams the client opens afterwards are refused with REFUSED_STREAM.
+- A client GOAWAY closes the connection: h2 allows no more responses after it.
+- Any h2 `ProtocolError` (h2 has already queued the GOAWAY with the right code) closes
+  the connection; nothing escapes into the reactor.
+"""
+from __future__ import annotations
+
+import re
+from email.utils import formatdate
+from typing import Callable, Dict, List, Optional, Tuple
+
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    RemoteSettingsChanged,
+    RequestReceived,
+    StreamEnded,
+    StreamReset,
+    WindowUpdated,
+)
+from h2.exceptions import H2Error, ProtocolError
+from h2.settings import SettingCodes, Settings as H2Settings
+from hyperframe.frame import GoAwayFrame
+from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from omni_httpd.request import METHODS, Request, split_target
+from omni_httpd.response import Response, error_response, internal_error
+from omni_httpd.settings import Settings
+
+log = Logger()
+
+Dispatch = Callable[[Request, bool], "defer.Deferred[Response]"]
+
+#: How many streams a client may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS).
+MAX_CONCURRENT_STREAMS = 100
+#: Per-stream receive window we advertise; large enough that uploads are not held back
+#: by round trips.
+STREAM_WINDOW = 1024 * 1024
+#: Connection-level receive window.
+CONNECTION_WINDOW = 16 * 1024 * 1024
+#: After a GOAWAY the peer gets this long to read what is buffered before we drop it.
+CLOSE_GRACE = 5.0
+
+_H2_CONFIG = H2Configuration(client_side=False, header_encoding=None)
+
+#: Handler headers that mean nothing (or something wrong) in HTTP/2.
+_DROPPED_RESPONSE_HEADERS = frozenset(
+    [b"connection", b"transfer-encoding", b"keep-alive", b"upgrade", b"proxy-connection",
+     b"content-length", b"te", b"date"]
+)
+_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9a-z]+$")
+_BAD_VALUE_CHARS = re.compile(rb"[\r\n\x00]")
+
+
+def _text(value: bytes) -> str:
+    """Header bytes as text: UTF-8 when valid, else Latin-1 (never fails)."""
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
+
+
+class _Stream:
+    """What we know about one request stream."""
+
+    __slots__ = ("stream_id", "method", "target", "headers", "chunks", "size",
+                 "state", "head", "data", "offset", "status", "started")
+
+    RECEIVING = 0      # request headers in, body arriving
+    DISPATCHED = 1     # request complete, waiting for the dispatcher
+    SENDING = 2        # response headers sent, body going out under flow control
+    REJECTED = 3       # answered early (413, 431, ...); the rest of the request is ignored
+
+    def __init__(self, stream_id: int, started: float) -> None:
+        self.stream_id = stream_id
+        self.method = ""
+        self.target = ""
+        self.headers: List[Tuple[str, str]] = []
+        self.chunks: List[bytes] = []
+        self.size = 0
+        self.state = _Stream.RECEIVING
+        self.head = False
+        self.data: Optional[memoryview] = None
+        self.offset = 0
+        self.status = 0
+        self.started = started
+
+
+@implementer(IPushProducer)
+class HTTP2Protocol(Protocol):
+    """One HTTP/2 connection, server side.
+
+    Built like ``HTTP1Protocol``: ``HTTP2Protocol(dispatch, settings, listener_id,
+    scheme, clock, worker_label)``, then ``makeConnection(transport)`` and
+    ``dataReceived(bytes already read)``.
+    """
+
+    def __init__(self, dispatch: Dispatch, settings: Settings, listener_id: int,
+                 scheme: str = "http", clock=None, worker_label: str = "") -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.dispatch = dispatch
+        self.settings = settings
+        self.listener_id = listener_id
+        self.scheme = scheme
+        self.clock = clock
+        self.worker_label = worker_label
+        self.peer = ""
+        self.h2 = H2Connection(config=_H2_CONFIG)
+        self.streams: Dict[int, _Stream] = {}
+        self.disconnected = False
+        #: GOAWAY sent: no new streams, close when the last one finishes.
+        self.closing = False
+        self._goaway_last_stream_id: Optional[int] = None
+        self._paused = False
+        self._last_progress = 0.0
+        self._timer = None
+        self._abort_timer = None
+
+    # -- connection life cycle -------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.peer = _peer_text(self.transport)
+        self._last_progress = self.clock.seconds()
+        limit = self.settings.max_header_size
+        self.h2.local_settings = H2Settings(client=False, initial_values={
+            SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
+            SettingCodes.MAX_HEADER_LIST_SIZE: limit,
+            SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+        })
+        # Between the advertised limit and this one a request gets a 431 on its own
+        # stream; only beyond it does hpack give up on the whole connection.
+        self.h2.decoder.max_header_list_size = max(2 * limit, limit + 16384)
+        self.h2.initiate_connection()
+        self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self.transport.registerProducer(self, True)
+        self._flush()
+        self._arm_timer()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.disconnected:
+            return
+        self._last_progress = self.clock.seconds()
+        try:
+            events = self.h2.receive_data(data)
+        except ProtocolError as exc:
+            # h2 has queued a GOAWAY with the matching error code.
+            log.info("{label}HTTP/2 protocol error from {peer}: {exc}",
+                     label=self._label(), peer=self.peer, exc=exc)
+            self._flush()
+            self._close()
+            return
+        try:
+            for event in events:
+                handler = self._handlers.get(type(event))
+                if handler is not None:
+                    handler(self, event)
+                if self.disconnected:
+                    return
+        except H2Error as exc:
+            # A state we did not expect (it would be our bug): end this connection
+            # cleanly rather than leave it half-understood.
+            log.failure("{label}HTTP/2 state error", failure=Failure(exc), label=self._label())
+            self._fail_connection(ErrorCodes.INTERNAL_ERROR)
+            return
+        self._flush()
+
+    def connectionLost(self, reason=None) -> None:
+        self.disconnected = True
+        self.streams.clear()
+        for timer in (self._timer, self._abort_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._timer = self._abort_timer = None
+
+    # -- IPushProducer: the transport tells us when its buffer is full -----------------
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._last_progress = self.clock.seconds()
+        if not self.disconnected:
+            self._send_all_pending()
+            self._flush()
+
+    def stopProducing(self) -> None:
+        self._paused = True
+
+    # -- graceful close (ServerFactory.graceful_close) ---------------------------------
+
+    def graceful_close(self) -> None:
+        """Send GOAWAY, finish the streams already received, then close."""
+        if self.disconnected or self.closing:
+            return
+        self._send_graceful_goaway()
+        self._close_if_done()
+
+    @property
+    def idle(self) -> bool:
+        """No stream in progress."""
+        return not self.streams
+
+    # -- h2 events ---------------------------------------------------------------------
+
+    def _on_request(self, event: RequestReceived) -> None:
+        stream_id = event.stream_id
+        if self.closing and stream_id > (self._goaway_last_stream_id or 0):
+            self._reset(stream_id, ErrorCodes.REFUSED_STREAM)
+            return
+        stream = _Stream(stream_id, self.clock.seconds())
+        self.streams[stream_id] = stream
+        pseudo: Dict[bytes, bytes] = {}
+        headers: List[Tuple[str, str]] = []
+        cookies: List[str] = []
+        cookie_at = -1
+        size = 0
+        expect_continue = False
+        declared_length: Optional[int] = None
+        for name, value in event.headers:
+            size += len(name) + len(value) + 32
+            if name.startswith(b":"):
+                pseudo[name] = value
+                continue
+            if name == b"cookie":
+                # HTTP/2 lets clients split Cookie; handlers see it as HTTP/1 sends it.
+                if cookie_at < 0:
+                    cookie_at = len(headers)
+                    headers.append(("cookie", ""))
+                cookies.append(_text(value))
+                continue
+            if name == b"content-length":
+                try:
+                    declared_length = int(value)
+                except ValueError:
+                    declared_length = None
+            elif name == b"expect" and value.lower() == b"100-continue":
+                expect_continue = True
+            headers.append((_text(name), _text(value)))
+        if cookie_at >= 0:
+            headers[cookie_at] = ("cookie", "; ".join(cookies))
+        authority = pseudo.get(b":authority")
+        if authority is not None and not any(name == "host" for name, _ in headers):
+            headers.insert(0, ("host", _text(authority)))
+        stream.headers = headers
+        stream.method = _text(pseudo.get(b":method", b""))
+        stream.head = stream.method == "HEAD"
+        stream.target = _text(pseudo.get(b":path", b""))
+
+        if size > self.settings.max_header_size:
+            self._reject(stream, 431, "Request header fields too large")
+        elif declared_length is not None and declared_length > self.settings.max_body:
+            self._reject(stream, 413, "Request body too large")
+        elif stream.method.encode("latin-1", "replace") not in METHODS:
+            self._reject(stream, 501, "Method not implemented")
+        elif not (stream.target.startswith("/") or
+                  (stream.target == "*" and stream.method == "OPTIONS")):
+            self._reject(stream, 400, "Bad request target")
+        elif expect_continue and not event.stream_ended:
+            self.h2.send_headers(stream_id, [(b":status", b"100")])
+
+    def _on_data(self, event: DataReceived) -> None:
+        stream_id = event.stream_id
+        # Hand the window back whatever becomes of the bytes, so neither this stream
+        # nor the connection stalls.
+        if event.flow_controlled_length:
+            self.h2.acknowledge_received_data(event.flow_controlled_length, stream_id)
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.state != _Stream.RECEIVING:
+            return
+        stream.size += len(event.data)
+        if stream.size > self.settings.max_body:
+            stream.chunks = []
+            self._reject(stream, 413, "Request body too large")
+            return
+        stream.chunks.append(event.data)
+
+    def _on_stream_ended(self, event: StreamEnded) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is None or stream.state != _Stream.RECEIVING:
+            return
+        stream.state = _Stream.DISPATCHED
+        path, query = split_target(stream.target)
+        body = b"".join(stream.chunks)
+        stream.chunks = []
+        request = Request(method=stream.method, path=path, query_string=query,
+                          headers=stream.headers, body=body,
+                          listener_id=self.listener_id, http_version="2",
+                          scheme=self.scheme, peer=self.peer)
+        d = defer.maybeDeferred(self.dispatch, request, True)
+        d.addCallbacks(self._respond, self._dispatch_failed,
+                       callbackArgs=(stream,), errbackArgs=(stream,))
+
+    def _on_stream_reset(self, event: StreamReset) -> None:
+        # The client gave up on it: a pending dispatch result will be dropped.
+        self.streams.pop(event.stream_id, None)
+        self._close_if_done()
+
+    def _on_window_updated(self, event: WindowUpdated) -> None:
+        if event.stream_id == 0:
+            self._send_all_pending()
+        else:
+            stream = self.streams.get(event.stream_id)
+            if stream is not None and stream.state == _Stream.SENDING:
+                self._send_pending(stream)
+
+    def _on_settings_changed(self, event: RemoteSettingsChanged) -> None:
+        if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
+            self._send_all_pending()
+
+    def _on_connection_terminated(self, event: ConnectionTerminated) -> None:
+        if event.error_code != ErrorCodes.NO_ERROR:
+            log.info("{label}HTTP/2 client {peer} sent GOAWAY {code}",
+                     label=self._label(), peer=self.peer, code=event.error_code)
+        self._close()
+
+    _handlers = {
+        RequestReceived: _on_request,
+        DataReceived: _on_data,
+        StreamEnded: _on_stream_ended,
+        StreamReset: _on_stream_reset,
+        WindowUpdated: _on_window_updated,
+        RemoteSettingsChanged: _on_settings_changed,
+        ConnectionTerminated: _on_connection_terminated,
+    }
+
+    # -- responses ---------------------------------------------------------------------
+
+    def _dispatch_failed(self, failure: Failure, stream: _Stream) -> None:
+        log.failure("{label}dispatching HTTP/2 stream {stream_id} failed", failure=failure,
+                    label=self._label(), stream_id=stream.stream_id)
+        self._respond(internal_error(), stream)
+
+    def _respond(self, response: Response, stream: _Stream) -> None:
+        """Send ``response`` on ``stream`` (unless the stream or connection is gone)."""
+        if self.disconnected or self.streams.get(stream.stream_id) is not stream:
+            return
+        try:
+            self._send_response(stream, response)
+        except H2Error as exc:
+            log.failure("{label}could not send the response on stream {stream_id}",
+                        failure=Failure(exc), label=self._label(), stream_id=stream.stream_id)
+            self._reset(stream.stream_id, ErrorCodes.INTERNAL_ERROR)
+            self._forget(stream)
+        self._flush()
+
+    def _send_response(self, stream: _Stream, response: Response) -> None:
+        stream_id = stream.stream_id
+        if response.abort:
+            self._reset(stream_id, ErrorCodes.CANCEL)
+            self._log_access(stream, response)
+            self._forget(stream)
+            return
+        status = response.status
+        if not 200 <= status <= 999:
+            log.warn("{label}handler status {status} cannot be sent; answering 500",
+                     label=self._label(), status=status)
+            response = internal_error()
+            status = 500
+        body = response.body
+        headers = [(b":status", str(status).encode("ascii"))]
+        for name, value in response.headers:
+            raw_name = name.lower().encode("utf-8", "replace")
+            if raw_name in _DROPPED_RESPONSE_HEADERS:
+                continue
+            raw_value = value.encode("utf-8", "replace")
+            if not _TOKEN.match(raw_name) or _BAD_VALUE_CHARS.search(raw_value):
+                log.warn("{label}dropping response header {name!r}: invalid in HTTP/2",
+                         label=self._label(), name=name)
+                continue
+            headers.append((raw_name, raw_value.strip(b" \t")))
+        no_content = status == 204 or status == 304
+        if body is not None and not no_content:
+            headers.append((b"content-length", str(len(body)).encode("ascii")))
+        headers.append((b"date", _http_date(self.clock)))
+        stream.status = status
+        send_body = bool(body) and not stream.head and not no_content
+        self.h2.send_headers(stream_id, headers, end_stream=not send_body)
+        if send_body:
+            stream.state = _Stream.SENDING
+            stream.data = memoryview(body)
+            stream.offset = 0
+            self._send_pending(stream)
+        else:
+            self._stream_done(stream, response)
+
+    def _reject(self, stream: _Stream, status: int, message: str) -> None:
+        """Answer a request we will not run, before it is complete."""
+        response = error_response(status, message)
+        stream.state = _Stream.REJECTED
+        self._send_response(stream, response)
+
+    def _send_pending(self, stream: _Stream) -> None:
+        """Send as much of the body as flow control and the transport allow."""
+        data = stream.data
+        stream_id = stream.stream_id
+        total = len(data)
+        while stream.offset < total and not self._paused:
+            window = self.h2.local_flow_control_window(stream_id)
+            if window <= 0:
+                return
+            size = min(window, self.h2.max_outbound_frame_size, total - stream.offset)
+            end = stream.offset + size
+            self.h2.send_data(stream_id, data[stream.offset:end], end_stream=end == total)
+            stream.offset = end
+            # Write frame by frame so the transport can pause us when its buffer fills.
+            self._flush()
+            if self.disconnected:
+                return
+        if stream.offset >= total:
+            stream.data = None
+            self._stream_done(stream, None)
+
+    def _send_all_pending(self) -> None:
+        for stream in sorted(self.streams.values(), key=lambda s: s.stream_id):
+            if self._paused or self.disconnected:
+                return
+            if stream.state == _Stream.SENDING and stream.data is not None:
+                self._send_pending(stream)
+
+    def _stream_done(self, stream: _Stream, response: Optional[Response]) -> None:
+        """Our side of the stream is complete."""
+        self._log_access(stream, response)
+        if stream.state == _Stream.REJECTED or stream.state == _Stream.RECEIVING:
+            # We answered before the request was complete: ask the client to stop
+            # sending the rest (RFC 9113 section 8.1).
+            h2_stream = self.h2.streams.get(stream.stream_id)
+            if h2_stream is not None and h2_stream.open:
+                self._reset(stream.stream_id, ErrorCodes.NO_ERROR)
+        self._forget(stream)
+
+    def _forget(self, stream: _Stream) -> None:
+        if self.streams.get(stream.stream_id) is stream:
+            del self.streams[stream.stream_id]
+        self._last_progress = self.clock.seconds()
+        self._close_if_done()
+
+    def _log_access(self, stream: _Stream, response: Optional[Response]) -> None:
+        # SWITCH: accesslog.log_request(...) once omni_httpd/accesslog.py lands (the
+        # HTTP/1 engineer's); this is the only access-log call site for HTTP/2.
+        pass
+
+    # -- writing, closing, timers ------------------------------------------------------
+
+    def _reset(self, stream_id: int, code: ErrorCodes) -> None:
+        try:
+            self.h2.reset_stream(stream_id, error_code=code)
+        except H2Error:
+            pass  # already closed on h2's side: nothing to reset
+
+    def _flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data and not self.disconnected:
+            self._last_progress = self.clock.seconds()
+            self.transport.write(data)
+
+    def _send_graceful_goaway(self) -> None:
+        self.closing = True
+        self._goaway_last_stream_id = self.h2.highest_inbound_stream_id
+        frame = GoAwayFrame(0, last_stream_id=self._goaway_last_stream_id,
+                            error_code=ErrorCodes.NO_ERROR)
+        self._flush()
+        self.transport.write(frame.serialize())
+
+    def _close_if_done(self) -> None:
+        if self.closing and not self.streams and not self.disconnected:
+            self._close()
+
+    def _fail_connection(self, code: ErrorCodes) -> None:
+        try:
+            self.h2.close_connection(error_code=code)
+        except H2Error:
+            pass
+        self._flush()
+        self._close()
+
+    def _close(self) -> None:
+        """Let the transport write what is buffered, then close; drop it if it cannot."""
+        if self.disconnected:
+            return
+        self.closing = True
+        self.streams.clear()
+        self.transport.loseConnection()
+        if self._abort_timer is None:
+            self._abort_timer = self.clock.callLater(CLOSE_GRACE, self._abort)
+
+    def _abort(self) -> None:
+        self._abort_timer = None
+        if not self.disconnected:
+            abort = getattr(self.transport, "abortConnection", None)
+            if abort is not None:
+                abort()
+
+    def _timeout(self) -> Optional[float]:
+        """The limit that applies now, or None while every stream waits on a handler."""
+        if not self.streams:
+            return self.settings.idle_timeout
+        if all(s.state == _Stream.DISPATCHED for s in self.streams.values()):
+            return None
+        return self.settings.body_timeout
+
+    def _arm_timer(self) -> None:
+        self._timer = self.clock.callLater(self._check_delay(), self._on_timer)
+
+    def _check_delay(self) -> float:
+        limit = self._timeout()
+        if limit is None:
+            return max(1.0, self.settings.body_timeout)
+        return max(0.0, self._last_progress + limit - self.clock.seconds())
+
+    def _on_timer(self) -> None:
+        # One timer per connection, re-armed lazily: activity only stamps the time.
+        self._timer = None
+        if self.disconnected or self._abort_timer is not None:
+            return
+        limit = self._timeout()
+        if limit is not None and self.clock.seconds() - self._last_progress >= limit:
+            if self.streams:
+                log.info("{label}HTTP/2 client {peer} stalled; closing",
+                         label=self._label(), peer=self.peer)
+            self._fail_connection(ErrorCodes.NO_ERROR)
+            return
+        self._arm_timer()
+
+    def _label(self) -> str:
+        return "[%s] " % self.worker_label if self.worker_label else ""
+
+
+_date_cache = [0, b""]
+
+
+def _http_date(clock) -> bytes:
+    """The Date header value, formatted once per second.
+
+    SWITCH: use omni_httpd/httpdate.py's cached helper once it lands (the HTTP/1
+    engineer's); this is the only Date call site for HTTP/2.
+    """
+    now = int(clock.seconds())
+    if _date_cache[0] != now:
+        _date_cache[0] = now
+        _date_cache[1] = formatdate(now, usegmt=True).encode("ascii")
+    return _date_cache[1]
+
+
+def _peer_text(transport) -> str:
+    try:
+        peer = transport.getPeer()
+    except Exception:
+        return ""
+    host = getattr(peer, "host", None)
+    port = getattr(peer, "port", None)
+    if host is None:
+        return str(peer)
+    return "%s:%s" % (host, port)
