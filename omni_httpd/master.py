@@ -88,16 +88,17 @@ class MasterService(service.MultiService):
         self.run_dir = tempfile.mkdtemp(prefix="omni_httpd_")
         self.scoreboard = Scoreboard(os.path.join(self.run_dir, "scoreboard"), settings.http_workers, create=True)
         self.reloader = Reloader(settings, self.db, settings.http_workers)
+        # LISTEN before the first read, so no change can fall between the two; changes
+        # notified during start-up make one more reload once the first is applied.
+        self.db.addNotifyObserver(self._notified)
+        await self.db.runOperation(queries.LISTEN)
         await self.reloader.load()
         self.fleet = Fleet(self.reactor, settings, self.dsn, self.run_dir, self.scoreboard,
                            self.reloader.listener_fds, self.reloader.config_message)
         self.reloader.fleet = self.fleet
         self.fleet.start()
         await self.reloader.apply()
-        self.db.addNotifyObserver(self._notified)
-        await self.db.runOperation(queries.LISTEN)
-        # A change committed between the first load and LISTEN would be missed: look again.
-        self.reloader.request()
+        self.reloader.started()
         await self._start_admin()
         log.info("omni_httpd ready: {workers} HTTP worker(s); {summary}",
                  workers=settings.http_workers, summary=self.reloader.summary())

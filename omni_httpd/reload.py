@@ -32,6 +32,7 @@ class Reloader:
         self.last_reload = None
         self._running = False
         self._pending = False
+        self._started = False
         self._idle_waiters: List[defer.Deferred] = []
 
     # -- what the fleet asks for ----------------------------------------------------------
@@ -68,10 +69,16 @@ class Reloader:
 
     def request(self) -> None:
         """Ask for a reload; several requests while one runs make one more reload."""
-        if self._running:
+        if self._running or not self._started:
             self._pending = True
             return
         self._run()
+
+    def started(self) -> None:
+        """The first configuration is applied: serve reload requests from now on."""
+        self._started = True
+        if self._pending:
+            self._run()
 
     @defer.inlineCallbacks
     def _run(self):
