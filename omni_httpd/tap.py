@@ -42,6 +42,8 @@ def _text(raw: str) -> str:
 
 def _dsn(raw: str) -> str:
     from psycopg2.extensions import parse_dsn
+    if not raw.strip():
+        raise ValueError("must not be empty (leave --dsn out for the embedded PostgreSQL)")
     try:
         parse_dsn(raw)
     except Exception as exc:  # psycopg2.ProgrammingError: libpq's own explanation
@@ -264,20 +266,28 @@ class Options(usage.Options):
 
 def _check_tls(cert: str, key: str) -> None:
     """Load the pair once now, so a bad file is a start-up error, not a failed listener."""
-    from OpenSSL import SSL
-    context = SSL.Context(SSL.TLS_METHOD)
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    with open(cert, "rb") as handle:
+        cert_pem = handle.read()
+    with open(key, "rb") as handle:
+        key_pem = handle.read()
     try:
-        context.use_certificate_chain_file(cert)
-    except SSL.Error:
+        certificate = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError:
         raise usage.UsageError("--tls-cert: %s is not a PEM certificate" % cert) from None
     try:
-        context.use_privatekey_file(key)
-    except SSL.Error:
+        # password=None: an encrypted key is refused here, never prompted for.
+        private_key = serialization.load_pem_private_key(key_pem, password=None)
+    except TypeError:
+        raise usage.UsageError("--tls-key: %s is encrypted; give an unencrypted key" % key) from None
+    except (ValueError, Exception):
         raise usage.UsageError("--tls-key: %s is not a PEM private key" % key) from None
-    try:
-        context.check_privatekey()
-    except SSL.Error:
-        raise usage.UsageError("--tls-key: %s does not match the certificate %s" % (key, cert)) from None
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    encoding = serialization.Encoding.PEM
+    if (certificate.public_key().public_bytes(encoding, public)
+            != private_key.public_key().public_bytes(encoding, public)):
+        raise usage.UsageError("--tls-key: %s does not match the certificate %s" % (key, cert))
 
 
 def makeService(options: Options) -> IService:
