@@ -39,6 +39,11 @@ setup(
         # llhttp (the C parser behind Node's HTTP) for HTTP/1: twisted.web's parser costs
         # more per request than the database round trip (see docs/performance.md).
         "httptools>=0.6",
+        # Admin console: Klein routes on twisted.web, argon2 password hashing,
+        # itsdangerous signed session cookies and CSRF tokens.
+        "klein>=23.5",
+        "argon2-cffi>=23.1",
+        "itsdangerous>=2.1",
     ],
     extras_require={
         "test": [

@@ -1,0 +1,566 @@
+"""The admin console: live state, listeners and handlers editing, trying a handler.
+
+The master builds one `AdminConsole` and serves ``console.resource()`` with
+``twisted.web.server.Site`` on the ``--admin`` endpoint. Routing is Klein's; pages are
+Jinja2 templates (autoescaped) from ``admin/templates``; static files from
+``admin/static``. Authentication and CSRF are in `console_auth`, the console's own
+database access in `console_db`. Every page works without JavaScript; ``admin.js`` only
+refreshes the dashboard's status tables from ``/status.json``.
+"""
+from __future__ import annotations
+
+import datetime
+import functools
+import importlib.util
+import json
+import os
+from typing import Any, List, Optional, Tuple
+
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from klein import Klein
+from twisted.logger import Logger
+from twisted.web import resource, static
+from werkzeug.exceptions import HTTPException, NotFound
+
+from omni_httpd import console_db as db
+from omni_httpd.console_auth import (COOKIE_NAME, AdminPassword, LoginThrottle, Sessions,
+                                     verify_in_thread)
+from omni_httpd.console_db import ConsoleDatabase, DatabaseProblem
+from omni_httpd.outcome import ProxyOutcome, response_from_row
+from omni_httpd.request import METHODS, normalize_path
+from omni_httpd.response import REASONS
+
+log = Logger()
+
+#: Messages shown after a successful POST (the redirect carries only the key).
+NOTICES = {
+    "reloaded": "Reload requested.",
+    "listener-created": "Listener created.",
+    "listener-saved": "Listener saved.",
+    "listener-deleted": "Listener deleted.",
+    "attached": "Handler attached.",
+    "detached": "Handler detached.",
+    "handler-created": "Handler created.",
+    "handler-saved": "Handler saved.",
+    "handler-deleted": "Handler deleted.",
+    "logged-out": "Logged out.",
+}
+
+TRY_METHODS = sorted(m.decode() for m in METHODS)
+
+
+def assets_dir() -> str:
+    """Templates and static files: the installed ``omni_httpd.admin_assets`` package,
+    else the source checkout's ``admin/`` directory."""
+    spec = importlib.util.find_spec("omni_httpd.admin_assets")
+    if spec is not None and spec.submodule_search_locations:
+        return list(spec.submodule_search_locations)[0]
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "admin")
+
+
+class _StaticFiles(static.File):
+    """Static assets without directory listings."""
+
+    def directoryListing(self):
+        return resource.NoResource()
+
+
+class _SecurityHeaders(resource.Resource):
+    """Headers every console response carries, error pages and static files included."""
+
+    isLeaf = True
+
+    def __init__(self, wrapped: resource.Resource):
+        super().__init__()
+        self._wrapped = wrapped
+
+    def render(self, request):
+        request.setHeader(b"content-security-policy",
+                          b"default-src 'self'; frame-ancestors 'none'; form-action 'self'")
+        request.setHeader(b"x-frame-options", b"DENY")
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        request.setHeader(b"referrer-policy", b"same-origin")
+        request.setHeader(b"cache-control", b"no-store")
+        return self._wrapped.render(request)
+
+
+def _arg(request, name: str) -> str:
+    values = request.args.get(name.encode())
+    return values[0].decode("utf-8", "replace") if values else ""
+
+
+def _int_or_none(text: str) -> Optional[int]:
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def parse_header_lines(text: str) -> Tuple[List[str], List[str]]:
+    """``Name: value`` lines -> (lower-cased names, values); blank lines are skipped."""
+    names, values = [], []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        name, colon, value = line.partition(":")
+        if not colon or not name.strip() or name != name.strip():
+            raise ValueError("header line %d is not of the form 'Name: value': %s" % (number, line))
+        names.append(name.lower())
+        values.append(value.strip())
+    return names, values
+
+
+def _uptime(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return ""
+    seconds = int(max(0, seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return "%dd %dh" % (days, hours)
+    if hours:
+        return "%dh %dm" % (hours, minutes)
+    if minutes:
+        return "%dm %ds" % (minutes, secs)
+    return "%ds" % secs
+
+
+def _when(moment: Optional[datetime.datetime]) -> str:
+    if moment is None:
+        return "never"
+    return moment.isoformat(sep=" ", timespec="seconds")
+
+
+def _body_view(body: Optional[bytes]) -> dict:
+    """How to show a response body: as text when it is UTF-8, else as a hex dump."""
+    if body is None:
+        return {"text": None, "hex": None, "length": None}
+    try:
+        return {"text": body.decode("utf-8"), "hex": None, "length": len(body)}
+    except UnicodeDecodeError:
+        shown = body[:4096]
+        lines = [" ".join("%02x" % b for b in shown[i:i + 16]) for i in range(0, len(shown), 16)]
+        return {"text": None, "hex": "\n".join(lines), "length": len(body),
+                "truncated": len(body) > len(shown)}
+
+
+def outcome_view(row: Optional[tuple], method: str) -> dict:
+    """What the try page shows for a handler result row: the server's own reading of it."""
+    outcome = response_from_row(row, method)
+    if isinstance(outcome, ProxyOutcome):
+        return {"kind": "proxy", "url": outcome.url, "preserve_host": outcome.preserve_host}
+    if outcome.abort:
+        return {"kind": "abort"}
+    return {"kind": "response", "no_rows": row is None, "status": outcome.status,
+            "reason": REASONS.get(outcome.status, ""), "headers": outcome.headers,
+            "body": _body_view(outcome.body), "head": method == "HEAD"}
+
+
+def _login_required(method):
+    """Route decorator: a logged-in session, and for POST a valid CSRF token.
+
+    The wrapped method gets the session id as ``sid``.
+    """
+    @functools.wraps(method)
+    async def wrapper(self, request, **kwargs):
+        sid = self._session_id(request)
+        if not self._sessions.logged_in(sid):
+            if request.method in (b"GET", b"HEAD") and not request.path.endswith(b".json"):
+                return self._redirect(request, "/login")
+            return self._render(request, "error.html", status=403, sid=None,
+                                title="Not logged in", message="Log in first.")
+        if request.method == b"POST" and not self._sessions.csrf_ok(sid, _arg(request, "csrf")):
+            return self._csrf_rejected(request, sid)
+        return await method(self, request, sid=sid, **kwargs)
+    return wrapper
+
+
+class AdminConsole:
+    """The admin console of one master.
+
+    ``state`` answers ``workers()``, ``listeners()`` and ``last_reload()`` (see
+    docs/architecture.md); ``dsn`` is where the console reads and edits the
+    configuration, with its own connections. ``generated_password`` is set when neither
+    ``password`` nor ``password_file`` is given: the master logs it once.
+    ``login_delay`` is the failed-login slow-down ``(first delay, cap)`` in seconds.
+    """
+
+    app = Klein()
+
+    def __init__(self, state, dsn: str, password: Optional[str] = None,
+                 password_file: Optional[str] = None, reactor=None,
+                 login_delay: Tuple[float, float] = (0.5, 30.0)):
+        if reactor is None:
+            from twisted.internet import reactor
+        self._reactor = reactor
+        self._state = state
+        self._password = AdminPassword(password, password_file)
+        self.generated_password: Optional[str] = self._password.generated
+        self._sessions = Sessions(reactor)
+        self._throttle = LoginThrottle(reactor, base=login_delay[0], cap=login_delay[1])
+        self._db = ConsoleDatabase(dsn, reactor)
+        assets = assets_dir()
+        self._static = os.path.join(assets, "static")
+        self._templates = Environment(loader=FileSystemLoader(os.path.join(assets, "templates")),
+                                      autoescape=True, undefined=StrictUndefined,
+                                      trim_blocks=True, lstrip_blocks=True)
+        self._templates.filters["uptime"] = _uptime
+        self._templates.filters["when"] = _when
+
+    def resource(self) -> resource.Resource:
+        """The console as a twisted.web resource, for ``Site``."""
+        return _SecurityHeaders(self.app.resource())
+
+    def close(self) -> None:
+        """Stop the console's database threads (also done at reactor shutdown)."""
+        self._db.close()
+
+    # --- plumbing ---------------------------------------------------------------------
+
+    def _session_id(self, request) -> Optional[str]:
+        return self._sessions.session_id(request.getCookie(COOKIE_NAME.encode()))
+
+    def _set_cookie(self, request, value: str, max_age: Optional[int] = None) -> None:
+        request.addCookie(COOKIE_NAME.encode(), value.encode(), path=b"/", httpOnly=True,
+                          sameSite="strict", secure=request.isSecure(),
+                          max_age=None if max_age is None else str(max_age).encode())
+
+    def _render(self, request, template: str, status: int = 200, sid: Optional[str] = None,
+                **context: Any) -> bytes:
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        context.setdefault("nav", "")
+        context.setdefault("notice", NOTICES.get(_arg(request, "done")))
+        context["logged_in"] = self._sessions.logged_in(sid)
+        context["csrf"] = self._sessions.csrf_token(sid) if sid else ""
+        return self._templates.get_template(template).render(**context).encode("utf-8")
+
+    def _redirect(self, request, location: str, done: Optional[str] = None) -> bytes:
+        if done:
+            location += ("&" if "?" in location else "?") + "done=" + done
+        request.setResponseCode(303)
+        request.setHeader(b"location", location.encode())
+        return b""
+
+    def _csrf_rejected(self, request, sid: Optional[str]) -> bytes:
+        return self._render(request, "error.html", status=403, sid=sid,
+                            title="Form expired",
+                            message="The form's security token is missing or invalid. "
+                                    "Go back, reload the page and submit it again.")
+
+    @app.handle_errors(HTTPException)
+    def _http_error(self, request, failure):
+        error = failure.value
+        sid = self._session_id(request)
+        return self._render(request, "error.html", status=error.code, sid=sid,
+                            title="%d %s" % (error.code, error.name), message=error.description)
+
+    @app.handle_errors(DatabaseProblem)
+    def _database_error(self, request, failure):
+        sid = self._session_id(request)
+        return self._render(request, "error.html", status=500, sid=sid,
+                            title="Database error", problem=failure.value, message="")
+
+    # --- login ------------------------------------------------------------------------
+
+    @app.route("/static/", branch=True)
+    def static_files(self, request):
+        return _StaticFiles(self._static)
+
+    @app.route("/login", methods=["GET", "HEAD"])
+    def login_page(self, request):
+        sid = self._session_id(request)
+        if self._sessions.logged_in(sid):
+            return self._redirect(request, "/")
+        if sid is None:
+            sid, cookie = self._sessions.new()
+            self._set_cookie(request, cookie)
+        return self._render(request, "login.html", sid=sid, error=None)
+
+    @app.route("/login", methods=["POST"])
+    async def login(self, request):
+        sid = self._session_id(request)
+        if not self._sessions.csrf_ok(sid, _arg(request, "csrf")):
+            return self._csrf_rejected(request, None)
+        password = _arg(request, "password")
+        address = request.getClientAddress()
+        address = getattr(address, "host", None) or str(address)
+        ok = await self._throttle.attempt(
+            address, lambda: verify_in_thread(self._reactor, self._password, password))
+        if not ok:
+            log.warn("admin console: failed login from {address}", address=address)
+            return self._render(request, "login.html", status=403, sid=sid,
+                                error="Wrong password.")
+        self._sessions.end(sid)
+        sid, cookie = self._sessions.new(logged_in=True)
+        self._set_cookie(request, cookie)
+        log.info("admin console: login from {address}", address=address)
+        return self._redirect(request, "/")
+
+    @app.route("/logout", methods=["POST"])
+    @_login_required
+    async def logout(self, request, sid):
+        self._sessions.end(sid)
+        self._set_cookie(request, "", max_age=0)
+        return self._redirect(request, "/login", done="logged-out")
+
+    # --- dashboard --------------------------------------------------------------------
+
+    def _status(self) -> dict:
+        now = self._reactor.seconds()
+        workers = []
+        for worker in self._state.workers():
+            started = worker.get("started_at")
+            workers.append(dict(worker, uptime=None if started is None else now - started))
+        return {"workers": workers, "listeners": list(self._state.listeners()),
+                "last_reload": self._state.last_reload()}
+
+    @app.route("/", methods=["GET", "HEAD"])
+    @_login_required
+    async def dashboard(self, request, sid):
+        try:
+            database, db_problem = await self._db.run(db.database_info), None
+        except DatabaseProblem as problem:
+            database, db_problem = None, problem
+        return self._render(request, "dashboard.html", sid=sid, nav="dashboard",
+                            database=database, db_problem=db_problem, **self._status())
+
+    @app.route("/status.json", methods=["GET", "HEAD"])
+    @_login_required
+    async def status_json(self, request, sid):
+        status = self._status()
+        fragments = self._templates.get_template("status.html").module
+        body = {
+            "workers": [dict(w, uptime_text=_uptime(w["uptime"])) for w in status["workers"]],
+            "listeners": status["listeners"],
+            "last_reload": status["last_reload"].isoformat() if status["last_reload"] else None,
+            "html": {
+                "workers": str(fragments.worker_rows(status["workers"])),
+                "listeners": str(fragments.listener_rows(status["listeners"])),
+                "last_reload": _when(status["last_reload"]),
+            },
+        }
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(body).encode()
+
+    @app.route("/reload", methods=["POST"])
+    @_login_required
+    async def reload(self, request, sid):
+        await self._db.run(db.reload_configuration)
+        return self._redirect(request, "/", done="reloaded")
+
+    # --- listeners --------------------------------------------------------------------
+
+    @app.route("/listeners", methods=["GET", "HEAD"])
+    @_login_required
+    async def listeners(self, request, sid):
+        rows = await self._db.run(db.listeners)
+        live = {entry["id"]: entry for entry in self._state.listeners()}
+        return self._render(request, "listeners.html", sid=sid, nav="listeners",
+                            listeners=rows, live=live)
+
+    async def _listener_form(self, request, sid, status=200, listener=None, form=None,
+                             problem=None):
+        protocols = await self._db.run(db.protocols)
+        handlers = await self._db.run(db.handlers)
+        live = None
+        if listener is not None:
+            live = {entry["id"]: entry for entry in self._state.listeners()}.get(listener["id"])
+        if form is None:
+            form = {"address": listener["address"], "port": str(listener["port"]),
+                    "protocol": listener["protocol"], "handler_id": ""} if listener else \
+                   {"address": "127.0.0.1", "port": "", "protocol": "http", "handler_id": ""}
+        return self._render(request, "listener.html", status=status, sid=sid, nav="listeners",
+                            listener=listener, live=live, form=form, problem=problem,
+                            protocols=protocols, handlers=handlers)
+
+    @app.route("/listeners/new", methods=["GET", "HEAD"])
+    @_login_required
+    async def new_listener(self, request, sid):
+        return await self._listener_form(request, sid)
+
+    @app.route("/listeners/new", methods=["POST"])
+    @_login_required
+    async def create_listener(self, request, sid):
+        form = {key: _arg(request, key) for key in ("address", "port", "protocol", "handler_id")}
+        try:
+            listener_id = await self._db.run(db.create_listener, form["address"].strip(),
+                                             form["port"].strip(), form["protocol"],
+                                             _int_or_none(form["handler_id"]))
+        except DatabaseProblem as problem:
+            return await self._listener_form(request, sid, status=400, form=form,
+                                             problem=problem)
+        return self._redirect(request, "/listeners/%d" % listener_id, done="listener-created")
+
+    async def _existing_listener(self, listener_id: int) -> dict:
+        listener = await self._db.run(db.listener, listener_id)
+        if listener is None:
+            raise NotFound("There is no listener %d." % listener_id)
+        return listener
+
+    @app.route("/listeners/<int:listener_id>", methods=["GET", "HEAD"])
+    @_login_required
+    async def edit_listener(self, request, sid, listener_id):
+        listener = await self._existing_listener(listener_id)
+        return await self._listener_form(request, sid, listener=listener)
+
+    @app.route("/listeners/<int:listener_id>", methods=["POST"])
+    @_login_required
+    async def update_listener(self, request, sid, listener_id):
+        form = {key: _arg(request, key) for key in ("address", "port", "protocol")}
+        form["handler_id"] = ""
+        try:
+            found = await self._db.run(db.update_listener, listener_id, form["address"].strip(),
+                                       form["port"].strip(), form["protocol"])
+        except DatabaseProblem as problem:
+            listener = await self._existing_listener(listener_id)
+            return await self._listener_form(request, sid, status=400, listener=listener,
+                                             form=form, problem=problem)
+        if not found:
+            raise NotFound("There is no listener %d." % listener_id)
+        return self._redirect(request, "/listeners/%d" % listener_id, done="listener-saved")
+
+    @app.route("/listeners/<int:listener_id>/delete", methods=["POST"])
+    @_login_required
+    async def delete_listener(self, request, sid, listener_id):
+        if not await self._db.run(db.delete_listener, listener_id):
+            raise NotFound("There is no listener %d." % listener_id)
+        return self._redirect(request, "/listeners", done="listener-deleted")
+
+    @app.route("/listeners/<int:listener_id>/attach", methods=["POST"])
+    @_login_required
+    async def attach(self, request, sid, listener_id):
+        listener = await self._existing_listener(listener_id)
+        try:
+            await self._db.run(db.attach, listener_id, _arg(request, "handler_id"))
+        except DatabaseProblem as problem:
+            return await self._listener_form(request, sid, status=400, listener=listener,
+                                             problem=problem)
+        return self._redirect(request, "/listeners/%d" % listener_id, done="attached")
+
+    @app.route("/listeners/<int:listener_id>/detach", methods=["POST"])
+    @_login_required
+    async def detach(self, request, sid, listener_id):
+        listener = await self._existing_listener(listener_id)
+        try:
+            await self._db.run(db.detach, listener_id, _arg(request, "handler_id"))
+        except DatabaseProblem as problem:
+            return await self._listener_form(request, sid, status=400, listener=listener,
+                                             problem=problem)
+        return self._redirect(request, "/listeners/%d" % listener_id, done="detached")
+
+    # --- handlers ---------------------------------------------------------------------
+
+    @app.route("/handlers", methods=["GET", "HEAD"])
+    @_login_required
+    async def handlers(self, request, sid):
+        rows = await self._db.run(db.handlers)
+        return self._render(request, "handlers.html", sid=sid, nav="handlers", handlers=rows)
+
+    async def _handler_form(self, request, sid, status=200, handler=None, form=None,
+                            problem=None):
+        roles = await self._db.run(db.roles)
+        if form is None:
+            form = {"query": handler["query"], "role_name": handler["role_name"]} if handler \
+                else {"query": "", "role_name": ""}
+        if form["role_name"] and form["role_name"] not in roles:
+            # Keep what the row (or the operator) has, even if we could not choose it.
+            roles = roles + [form["role_name"]]
+        return self._render(request, "handler.html", status=status, sid=sid, nav="handlers",
+                            handler=handler, form=form, roles=roles, problem=problem)
+
+    @app.route("/handlers/new", methods=["GET", "HEAD"])
+    @_login_required
+    async def new_handler(self, request, sid):
+        return await self._handler_form(request, sid)
+
+    @app.route("/handlers/new", methods=["POST"])
+    @_login_required
+    async def create_handler(self, request, sid):
+        form = {key: _arg(request, key) for key in ("query", "role_name")}
+        try:
+            handler_id = await self._db.run(db.create_handler, form["query"], form["role_name"])
+        except DatabaseProblem as problem:
+            return await self._handler_form(request, sid, status=400, form=form, problem=problem)
+        return self._redirect(request, "/handlers/%d" % handler_id, done="handler-created")
+
+    async def _existing_handler(self, handler_id: int) -> dict:
+        handler = await self._db.run(db.handler, handler_id)
+        if handler is None:
+            raise NotFound("There is no handler %d." % handler_id)
+        return handler
+
+    @app.route("/handlers/<int:handler_id>", methods=["GET", "HEAD"])
+    @_login_required
+    async def edit_handler(self, request, sid, handler_id):
+        handler = await self._existing_handler(handler_id)
+        return await self._handler_form(request, sid, handler=handler)
+
+    @app.route("/handlers/<int:handler_id>", methods=["POST"])
+    @_login_required
+    async def update_handler(self, request, sid, handler_id):
+        form = {key: _arg(request, key) for key in ("query", "role_name")}
+        try:
+            found = await self._db.run(db.update_handler, handler_id, form["query"],
+                                       form["role_name"])
+        except DatabaseProblem as problem:
+            handler = await self._existing_handler(handler_id)
+            return await self._handler_form(request, sid, status=400, handler=handler,
+                                            form=form, problem=problem)
+        if not found:
+            raise NotFound("There is no handler %d." % handler_id)
+        return self._redirect(request, "/handlers/%d" % handler_id, done="handler-saved")
+
+    @app.route("/handlers/<int:handler_id>/delete", methods=["POST"])
+    @_login_required
+    async def delete_handler(self, request, sid, handler_id):
+        if not await self._db.run(db.delete_handler, handler_id):
+            raise NotFound("There is no handler %d." % handler_id)
+        return self._redirect(request, "/handlers", done="handler-deleted")
+
+    # --- try a handler ----------------------------------------------------------------
+
+    def _try_page(self, request, sid, handler, roles, form, status=200, view=None,
+                  problem=None, form_error=None):
+        return self._render(request, "try.html", status=status, sid=sid, nav="try",
+                            handler=handler, roles=roles, form=form, methods=TRY_METHODS,
+                            view=view, problem=problem, form_error=form_error)
+
+    @app.route("/try", methods=["GET", "HEAD"], endpoint="try_form_blank")
+    @app.route("/handlers/<int:handler_id>/try", methods=["GET", "HEAD"])
+    @_login_required
+    async def try_form(self, request, sid, handler_id=None):
+        handler = await self._existing_handler(handler_id) if handler_id is not None else None
+        roles = await self._db.run(db.roles)
+        form = {"query": handler["query"] if handler else "",
+                "role_name": handler["role_name"] if handler else "",
+                "method": "GET", "path": "/", "query_string": "", "headers": "", "body": ""}
+        return self._try_page(request, sid, handler, roles, form)
+
+    @app.route("/try", methods=["POST"], endpoint="try_run_blank")
+    @app.route("/handlers/<int:handler_id>/try", methods=["POST"])
+    @_login_required
+    async def try_run(self, request, sid, handler_id=None):
+        handler = await self._existing_handler(handler_id) if handler_id is not None else None
+        roles = await self._db.run(db.roles)
+        form = {key: _arg(request, key) for key in
+                ("query", "role_name", "method", "path", "query_string", "headers", "body")}
+        try:
+            names, values = parse_header_lines(form["headers"])
+        except ValueError as e:
+            return self._try_page(request, sid, handler, roles, form, status=400,
+                                  form_error=str(e))
+        path = normalize_path(form["path"].strip())
+        # An empty field means the request had no '?' at all (query_string NULL).
+        query_string = form["query_string"] or None
+        try:
+            row = await self._db.run(db.try_handler, form["query"], form["role_name"],
+                                         form["method"], path, query_string,
+                                         form["body"].encode("utf-8"), names, values,
+                                         rollback=True)
+        except DatabaseProblem as problem:
+            return self._try_page(request, sid, handler, roles, form, status=400,
+                                  problem=problem)
+        return self._try_page(request, sid, handler, roles, form,
+                              view=outcome_view(row, form["method"]))
