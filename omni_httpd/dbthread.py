@@ -47,14 +47,17 @@ FLUSH_AGE = 0.002
 #: after the kernel's TCP timeouts (minutes); used unless the DSN sets them itself.
 CONNECTION_DEFAULTS = {
     "connect_timeout": "5",
+    # A silent peer is declared dead after 5 + 3 * 2 s, even while we wait for a
+    # long-running handler (keepalives flow while the server computes).
     "keepalives": "1",
-    "keepalives_idle": "10",
-    "keepalives_interval": "5",
+    "keepalives_idle": "5",
+    "keepalives_interval": "2",
     "keepalives_count": "3",
 }
 if psycopg2.extensions.libpq_version() >= 120000:
-    # Unacknowledged data (a request sent to a vanished host) fails after 30 s.
-    CONNECTION_DEFAULTS["tcp_user_timeout"] = "30000"
+    # Data the server's kernel does not acknowledge within 10 s means a dead link; a
+    # slow handler is not affected (the request itself is acknowledged at once).
+    CONNECTION_DEFAULTS["tcp_user_timeout"] = "10000"
 
 #: The prepared statement calls the handler function with these parameter types.
 _PARAMETER_TYPES = "omni_http.http_method, text, text, bytea, text[], text[]"
