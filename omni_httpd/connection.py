@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Callable, List, Optional, Set
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -32,7 +32,7 @@ log = Logger()
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
-@implementer(IHandshakeListener)
+@implementer(IHandshakeListener, IHalfCloseableProtocol)
 class ServerConnection(Protocol):
     """One accepted connection until (and after) it knows which protocol it speaks.
 
@@ -102,19 +102,32 @@ class ServerConnection(Protocol):
         if self.protocol is not None:
             self.protocol.connectionLost(reason)
 
-    def graceful_close(self) -> None:
-        """HTTP/2: GOAWAY and finish in-flight streams; HTTP/1: close after the
-        current response; undecided: close now."""
-        if self._lost:
-            return
-        if self.protocol is None:
-            self.transport.loseConnection()
-            return
-        close = getattr(self.protocol, "graceful_close", None)
-        if close is not None:
-            close()
+    def readConnectionLost(self) -> None:
+        """The client half-closed (plain TCP only): the chosen protocol answers what it
+        has and closes; undecided, there is nothing to answer."""
+        handler = getattr(self.protocol, "readConnectionLost", None)
+        if handler is not None:
+            handler()
         else:
             self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        handler = getattr(self.protocol, "writeConnectionLost", None)
+        if handler is not None:
+            handler()
+
+    def graceful_close(self) -> None:
+        """HTTP/2: GOAWAY and finish in-flight streams; HTTP/1: answer the requests
+        already received, then close; undecided: close now."""
+        if self._lost:
+            return
+        protocol = self.protocol
+        if protocol is None:
+            self.transport.loseConnection()
+        elif isinstance(protocol, HTTP2Protocol):
+            protocol.graceful_close()
+        else:
+            protocol.stop_accepting_keepalive()
 
     def _selection_timed_out(self) -> None:
         self._timer = None

@@ -23,7 +23,6 @@ Decisions worth knowing:
 from __future__ import annotations
 
 import re
-from email.utils import formatdate
 from typing import Callable, Dict, List, Optional, Tuple
 
 from h2.config import H2Configuration
@@ -48,6 +47,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from omni_httpd.accesslog import log_request
+from omni_httpd.httpdate import http_date_bytes
 from omni_httpd.request import METHODS, Request, split_target
 from omni_httpd.response import Response, error_response, internal_error
 from omni_httpd.settings import Settings
@@ -66,7 +67,10 @@ CONNECTION_WINDOW = 16 * 1024 * 1024
 #: After a GOAWAY the peer gets this long to read what is buffered before we drop it.
 CLOSE_GRACE = 5.0
 
-_H2_CONFIG = H2Configuration(client_side=False, header_encoding=None)
+# Inbound normalisation would only move split Cookie fields to the end; _on_request
+# joins them where the first one arrived instead.
+_H2_CONFIG = H2Configuration(client_side=False, header_encoding=None,
+                             normalize_inbound_headers=False)
 
 #: Handler headers that mean nothing (or something wrong) in HTTP/2.
 _DROPPED_RESPONSE_HEADERS = frozenset(
@@ -89,7 +93,7 @@ class _Stream:
     """What we know about one request stream."""
 
     __slots__ = ("stream_id", "method", "target", "headers", "chunks", "size",
-                 "state", "head", "data", "offset", "status", "started")
+                 "state", "head", "data", "offset", "status", "started", "request", "sent", "early")
 
     RECEIVING = 0      # request headers in, body arriving
     DISPATCHED = 1     # request complete, waiting for the dispatcher
@@ -109,6 +113,10 @@ class _Stream:
         self.offset = 0
         self.status = 0
         self.started = started
+        self.request: Optional[Request] = None
+        self.sent = 0
+        #: answered before the request was complete (413, 431, ...)
+        self.early = False
 
 
 @implementer(IPushProducer)
@@ -189,6 +197,7 @@ class HTTP2Protocol(Protocol):
             self._fail_connection(ErrorCodes.INTERNAL_ERROR)
             return
         self._flush()
+        self._timer_sooner()
 
     def connectionLost(self, reason=None) -> None:
         self.disconnected = True
@@ -220,6 +229,12 @@ class HTTP2Protocol(Protocol):
         if self.disconnected or self.closing:
             return
         self._send_graceful_goaway()
+        self._close_if_done()
+
+    def readConnectionLost(self) -> None:
+        """The client half-closed: finish the streams we have, then close."""
+        self.closing = True
+        self._goaway_last_stream_id = self.h2.highest_inbound_stream_id
         self._close_if_done()
 
     @property
@@ -313,6 +328,7 @@ class HTTP2Protocol(Protocol):
                           headers=stream.headers, body=body,
                           listener_id=self.listener_id, http_version="2",
                           scheme=self.scheme, peer=self.peer)
+        stream.request = request
         d = defer.maybeDeferred(self.dispatch, request, True)
         d.addCallbacks(self._respond, self._dispatch_failed,
                        callbackArgs=(stream,), errbackArgs=(stream,))
@@ -374,7 +390,7 @@ class HTTP2Protocol(Protocol):
         stream_id = stream.stream_id
         if response.abort:
             self._reset(stream_id, ErrorCodes.CANCEL)
-            self._log_access(stream, response)
+            self._log_access(stream)
             self._forget(stream)
             return
         status = response.status
@@ -398,7 +414,7 @@ class HTTP2Protocol(Protocol):
         no_content = status == 204 or status == 304
         if body is not None and not no_content:
             headers.append((b"content-length", str(len(body)).encode("ascii")))
-        headers.append((b"date", _http_date(self.clock)))
+        headers.append((b"date", http_date_bytes(self.clock.seconds())))
         stream.status = status
         send_body = bool(body) and not stream.head and not no_content
         self.h2.send_headers(stream_id, headers, end_stream=not send_body)
@@ -408,12 +424,13 @@ class HTTP2Protocol(Protocol):
             stream.offset = 0
             self._send_pending(stream)
         else:
-            self._stream_done(stream, response)
+            self._stream_done(stream)
 
     def _reject(self, stream: _Stream, status: int, message: str) -> None:
         """Answer a request we will not run, before it is complete."""
         response = error_response(status, message)
         stream.state = _Stream.REJECTED
+        stream.early = True
         self._send_response(stream, response)
 
     def _send_pending(self, stream: _Stream) -> None:
@@ -429,13 +446,14 @@ class HTTP2Protocol(Protocol):
             end = stream.offset + size
             self.h2.send_data(stream_id, data[stream.offset:end], end_stream=end == total)
             stream.offset = end
+            stream.sent += size
             # Write frame by frame so the transport can pause us when its buffer fills.
             self._flush()
             if self.disconnected:
                 return
         if stream.offset >= total:
             stream.data = None
-            self._stream_done(stream, None)
+            self._stream_done(stream)
 
     def _send_all_pending(self) -> None:
         for stream in sorted(self.streams.values(), key=lambda s: s.stream_id):
@@ -444,10 +462,10 @@ class HTTP2Protocol(Protocol):
             if stream.state == _Stream.SENDING and stream.data is not None:
                 self._send_pending(stream)
 
-    def _stream_done(self, stream: _Stream, response: Optional[Response]) -> None:
+    def _stream_done(self, stream: _Stream) -> None:
         """Our side of the stream is complete."""
-        self._log_access(stream, response)
-        if stream.state == _Stream.REJECTED or stream.state == _Stream.RECEIVING:
+        self._log_access(stream)
+        if stream.early:
             # We answered before the request was complete: ask the client to stop
             # sending the rest (RFC 9113 section 8.1).
             h2_stream = self.h2.streams.get(stream.stream_id)
@@ -461,10 +479,12 @@ class HTTP2Protocol(Protocol):
         self._last_progress = self.clock.seconds()
         self._close_if_done()
 
-    def _log_access(self, stream: _Stream, response: Optional[Response]) -> None:
-        # SWITCH: accesslog.log_request(...) once omni_httpd/accesslog.py lands (the
-        # HTTP/1 engineer's); this is the only access-log call site for HTTP/2.
-        pass
+    def _log_access(self, stream: _Stream) -> None:
+        if not self.settings.access_log:
+            return
+        log_request(stream.request, stream.method, stream.target, stream.status,
+                    stream.sent, self.clock.seconds() - stream.started,
+                    self.worker_label, "HTTP/2")
 
     # -- writing, closing, timers ------------------------------------------------------
 
@@ -528,6 +548,14 @@ class HTTP2Protocol(Protocol):
     def _arm_timer(self) -> None:
         self._timer = self.clock.callLater(self._check_delay(), self._on_timer)
 
+    def _timer_sooner(self) -> None:
+        """Bring the timer forward when a shorter limit now applies (a new stream)."""
+        timer = self._timer
+        if timer is not None and timer.active():
+            delay = self._check_delay()
+            if timer.getTime() > self.clock.seconds() + delay:
+                timer.reset(delay)
+
     def _check_delay(self) -> float:
         limit = self._timeout()
         if limit is None:
@@ -550,22 +578,6 @@ class HTTP2Protocol(Protocol):
 
     def _label(self) -> str:
         return "[%s] " % self.worker_label if self.worker_label else ""
-
-
-_date_cache = [0, b""]
-
-
-def _http_date(clock) -> bytes:
-    """The Date header value, formatted once per second.
-
-    SWITCH: use omni_httpd/httpdate.py's cached helper once it lands (the HTTP/1
-    engineer's); this is the only Date call site for HTTP/2.
-    """
-    now = int(clock.seconds())
-    if _date_cache[0] != now:
-        _date_cache[0] = now
-        _date_cache[1] = formatdate(now, usegmt=True).encode("ascii")
-    return _date_cache[1]
 
 
 def _peer_text(transport) -> str:
