@@ -260,7 +260,8 @@ class DBThread:
         """Run ``job(*args)`` on the DB thread after everything queued before it.
 
         The job may use the connection through `connection` (DB thread only). Fails
-        with `DatabaseUnavailable` once `stop` has been called.
+        with `DatabaseUnavailable` once `stop` has been called. Cancelling the Deferred
+        before the job has started skips the job.
         """
         if self._state not in ("new", "running"):
             return fail(DatabaseUnavailable("the DB thread is stopped"))
@@ -297,6 +298,9 @@ class DBThread:
                     self._draining = False
                     return results
                 job, args, d = queue.popleft()
+            if d.called:
+                # Cancelled while queued (the client went away): skip the work.
+                continue
             try:
                 results.append((d, True, job(*args)))
             except (DatabaseUnavailable, HandlerError) as exc:
@@ -312,10 +316,15 @@ class DBThread:
 
     def _deliver(self, results: list) -> None:
         for d, ok, value in results:
-            if ok:
-                d.callback(value)
-            else:
-                d.errback(value)
+            try:
+                if ok:
+                    d.callback(value)
+                else:
+                    d.errback(value)
+            except Exception:
+                # One job's Deferred (e.g. already fired by someone else) must not
+                # keep the rest of the batch from being delivered.
+                log.failure("delivering a DB thread result")
 
     def _drain_done(self, results: list) -> None:
         self._deliver(results)
