@@ -327,13 +327,13 @@ class DBThread:
                 log.failure("delivering a DB thread result")
 
     def _drain_done(self, results: list) -> None:
-        self._deliver(results)
-        # Callbacks above may have queued more work (a pipelined request): then a new
-        # drain is already running and we stay busy.
+        # Idle before the callbacks run: they see an idle DB thread (and may queue
+        # more work, which makes it busy again).
         with self._lock:
             idle = not self._draining
         if idle and self._busy:
             self._set_busy(False)
+        self._deliver(results)
 
     def _drain_failed(self, failure: Failure) -> None:
         # _drain catches every job's exception; getting here is a bug.
