@@ -24,6 +24,9 @@ from omni_httpd.settings import Settings
 
 log = Logger()
 
+#: At most one "database unavailable" warning per this many seconds.
+UNAVAILABLE_LOG_INTERVAL = 5.0
+
 #: RFC 9110 field-name (token) characters.
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 #: Bytes that would split or end a header line (response splitting).
@@ -135,6 +138,8 @@ class LocalExecutor:
         self._handler_for_listener = handler_for_listener
         self._reactor = reactor
         self._settings = settings if settings is not None else Settings()
+        self._unavailable_logged = float("-inf")
+        self._unavailable_count = 0
 
     def execute(self, request: Request) -> Deferred:
         """Fires with the `Response` for ``request``; never fails."""
@@ -156,9 +161,15 @@ class LocalExecutor:
 
     def _failed(self, failure: Failure, request: Request, handler_id: int) -> Response:
         if failure.check(DatabaseUnavailable):
-            log.warn("database unavailable, answering 503 to {method} {path}: {error}",
-                     method=request.method, path=request.path,
-                     error=failure.getErrorMessage())
+            # One line per outage burst, not one per request (the DB thread logs the
+            # loss and the reconnection itself).
+            now = self._reactor.seconds()
+            self._unavailable_count += 1
+            if now - self._unavailable_logged >= UNAVAILABLE_LOG_INTERVAL:
+                log.warn("database unavailable, answered 503 to {count} request(s): {error}",
+                         count=self._unavailable_count, error=failure.getErrorMessage())
+                self._unavailable_logged = now
+                self._unavailable_count = 0
             return response.error_response(503, "Service unavailable")
         if failure.check(HandlerError):
             log.warn("handler {handler_id} failed for {method} {path}: {error}",
