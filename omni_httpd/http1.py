@@ -1,0 +1,704 @@
+"""HTTP/1.0 and HTTP/1.1 server side of a worker connection: bytes -> Request -> bytes.
+
+One `HTTP1Protocol` per connection. The httptools (llhttp) parser calls back into the
+protocol; each complete message becomes one `Request` handed to ``dispatch``; responses
+go out strictly in request order, each (with any other responses ready at that moment)
+in a single transport write. See ../shared PERFORMANCE notes: a thin Protocol over the C
+parser and one write per response is most of the HTTP-side speed.
+
+Decisions a caller or operator may want to know:
+
+- Methods outside `request.METHODS` (which llhttp may still parse, e.g. PROPFIND) are
+  answered ``501 Not Implemented`` (RFC 9110 15.6.2: the server does not support the
+  method at all, for any resource). The connection stays usable. A request line that
+  llhttp cannot parse at all (including an unknown method token) is a 400.
+- Only HTTP/1.0 and HTTP/1.1 are served; other versions (0.9, 2.0 in a request line)
+  get 505 and the connection is closed. Responses always say ``HTTP/1.1``.
+- ``Upgrade`` requests are served as ordinary requests (the upgrade is ignored; HTTP/2
+  over cleartext is prior knowledge only).
+- Absolute-form targets (``GET http://host/p``) are reduced to their path.
+- A handler's own ``Date`` and ``Server`` headers replace the ones the server adds.
+- Error answers generated here close the connection; when the peer may still be
+  sending (413 before the body was read, ...) the write side is shut first and unread
+  input is discarded for up to `LINGER_SECONDS`, so the client reads the answer instead
+  of a connection reset.
+- Pipelining: requests are parsed ahead and dispatched in arrival order; at most
+  `MAX_PIPELINE` may wait for their responses before reading from the connection
+  pauses. Reading also pauses while the transport's write buffer is full (the protocol
+  is the transport's streaming producer), so a client that sends but never reads
+  cannot make the worker buffer without bound.
+
+Graceful shutdown: every connected protocol is in `HTTP1Protocol.live` (a WeakSet),
+and in ``protocol.registry`` when the factory set one before the connection was made.
+`stop_accepting_keepalive()` lets the connection finish what it has received and
+close after the last response; `notify_closed()` tells when it is gone.
+"""
+from __future__ import annotations
+
+import re
+import weakref
+from collections import deque
+from typing import Callable, Deque, List, MutableSet, Optional, Tuple
+
+import httptools
+from twisted.internet import defer, tcp
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from omni_httpd.accesslog import log_request
+from omni_httpd.httpdate import http_date
+from omni_httpd.request import METHODS, Request, split_target
+from omni_httpd.response import REASONS, Response, error_response, internal_error
+from omni_httpd.settings import Settings
+
+log = Logger()
+
+#: Requests parsed but not yet answered before reading from the connection pauses.
+MAX_PIPELINE = 32
+#: ... and reading resumes once the backlog is down to this.
+RESUME_PIPELINE = 16
+#: Longest request target accepted (414 above).
+MAX_URL = 8 * 1024
+#: How long unread input is discarded after an error answer before closing for good.
+LINGER_SECONDS = 2.0
+
+# Parser states of the message being received.
+_IDLE, _HEAD, _BODY = 0, 1, 2
+# Why reading is paused (bit flags).
+_PAUSE_PIPELINE, _PAUSE_BACKPRESSURE = 1, 2
+
+_SERVER = "omni_httpd"
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Header names the protocol writes itself; the handler's are dropped.
+_DROPPED = frozenset(["content-length", "transfer-encoding", "connection"])
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+").fullmatch
+_BAD_VALUE = re.compile(r"[\r\n\x00]").search
+_STATUS_LINES = {code: "HTTP/1.1 %d %s\r\n" % (code, reason) for code, reason in REASONS.items()}
+_ABSOLUTE_FORM = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^/?#]*").match
+
+
+class _Stop(Exception):
+    """Raised from a parser callback to stop parsing on purpose (already answered)."""
+
+
+class _Pending:
+    """One request (or server-generated error) waiting for its turn to be answered."""
+
+    __slots__ = ("request", "method", "target", "version", "keep_alive", "head", "started",
+                 "response", "linger")
+
+    def __init__(self, request: Request, method: str, target: str, version: str,
+                 keep_alive: bool, started: float) -> None:
+        self.request = request
+        self.method = method
+        self.target = target            # path?query, for the access log
+        self.version = version
+        self.keep_alive = keep_alive
+        self.head = method == "HEAD"
+        self.started = started
+        self.response: Optional[Response] = None
+        self.linger = False
+
+
+def send_now(transport, data: bytes) -> None:
+    """Write ``data``; straight to the socket when Twisted has nothing buffered for it.
+
+    Saves a reactor turn and a write-event registration per response (PERFORMANCE 4).
+    Only for plain TCP/UNIX transports (never TLS: the bytes must go through the TLS
+    layer); anything unexpected falls back to ``transport.write``, which also takes over
+    whatever the socket did not accept and reports socket errors the usual way.
+    """
+    try:
+        if (isinstance(transport, tcp.Connection) and not transport.TLS and transport.connected
+                and not transport.disconnecting and not transport._writeDisconnecting
+                and not transport.dataBuffer and not transport._tempDataLen):
+            sent = transport.socket.send(data)
+            if sent >= len(data):
+                return
+            if sent > 0:
+                data = data[sent:]
+    except Exception:   # EAGAIN, EPIPE, a Twisted without these attributes: let write() cope
+        pass
+    transport.write(data)
+
+
+def _plain_tcp(transport) -> bool:
+    return isinstance(transport, tcp.Connection) and not getattr(transport, "TLS", True)
+
+
+def _format_peer(address) -> str:
+    host = getattr(address, "host", None)
+    if host is None:
+        name = getattr(address, "name", None)
+        return name.decode("utf-8", "replace") if isinstance(name, bytes) else (name or "unix")
+    if ":" in host:
+        return "[%s]:%s" % (host, address.port)
+    return "%s:%s" % (host, address.port)
+
+
+def _split(url: str) -> Tuple[str, Optional[str]]:
+    if url[:1] != "/":
+        match = _ABSOLUTE_FORM(url)
+        if match is not None:
+            url = url[match.end():]
+            if url[:1] != "/":
+                url = "/" + url
+    return split_target(url)
+
+
+@implementer(IPushProducer, IHalfCloseableProtocol)
+class HTTP1Protocol(Protocol):
+    """One HTTP/1.x connection.
+
+    ``dispatch(request) -> Deferred[Response]`` runs a request; an errback (a bug) is
+    answered 500 and logged. May be connected to a transport that already delivered
+    bytes to someone else: ``makeConnection(transport)`` then ``dataReceived(bytes)``.
+    A wrapping protocol (the HTTP/2 detector) should forward ``readConnectionLost``
+    too; without it a client that half-closes after its request loses its answer.
+    """
+
+    #: Every connected HTTP1Protocol of this process.
+    live: "weakref.WeakSet[HTTP1Protocol]" = weakref.WeakSet()
+    #: Optional per-factory set; set it on the instance before ``makeConnection``.
+    registry: Optional[MutableSet["HTTP1Protocol"]] = None
+
+    def __init__(self, dispatch: Callable[[Request], defer.Deferred], settings: Settings,
+                 listener_id: int, scheme: str = "http", clock=None, worker_label: str = "") -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self._dispatch = dispatch
+        self._settings = settings
+        self._listener_id = listener_id
+        self._scheme = scheme
+        self._clock = clock
+        self._worker_label = worker_label
+        self._max_body = settings.max_body
+        self._max_head = settings.max_header_size
+        self._access_log = settings.access_log
+        self._header_timeout = settings.header_timeout or 0
+        self._body_timeout = settings.body_timeout or 0
+        self._idle_timeout = settings.idle_timeout or 0
+        enabled = [t for t in (self._header_timeout, self._body_timeout, self._idle_timeout) if t > 0]
+        # The one timer ticks at least this often, so a state change never needs to move
+        # it sooner (see _tick); no per-request callLater/cancel.
+        self._tick_every = min(enabled) if enabled else 0
+
+        self._parser = httptools.HttpRequestParser(self)
+        self._peer = ""
+        self._queue: Deque[_Pending] = deque()
+        self._state = _IDLE
+        self._accepting = True          # may a new message begin?
+        self._parser_dead = False       # ignore all further input
+        self._closing = False
+        self._lost = False
+        self._lingering = False
+        self._paused = 0
+        self._timer = None
+        self._linger_call = None
+        self._closed_waiters: List[defer.Deferred] = []
+        self._idle_since = 0.0
+        self._reset_message()
+        self._started = 0.0
+        self._head_since = 0.0
+        self._progress = 0.0
+        self._synthetic = False
+        self._stash = None
+
+    def _reset_message(self) -> None:
+        self._url = b""
+        self._headers: List[Tuple[str, str]] = []
+        self._body: List[bytes] = []
+        self._body_len = 0
+        self._head_size = 0
+        self._head_wire = 0
+        self._content_length = -1
+        self._chunked = False
+        self._expect_continue = False
+        self._continue_pending = False
+        self._wants_body = False
+        self._upgrade_framing: Optional[bytes] = None
+        self._method = b""
+        self._version = "1.1"
+        self._keep_alive = True
+
+    # -- connection life cycle -----------------------------------------------------------------
+    def connectionMade(self) -> None:
+        self.live.add(self)
+        if self.registry is not None:
+            self.registry.add(self)
+        transport = self.transport
+        try:
+            self._peer = _format_peer(transport.getPeer())
+        except Exception:
+            self._peer = ""
+        try:
+            transport.registerProducer(self, True)
+        except Exception:   # a producer is already registered by a wrapper: no backpressure then
+            pass
+        self._idle_since = self._clock.seconds()
+        self._arm_timer(self._tick_every)
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self._lost = True
+        self._closing = True
+        self._parser_dead = True
+        self._queue.clear()     # responses still being computed are dropped when they arrive
+        for call in (self._timer, self._linger_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._timer = self._linger_call = None
+        self.live.discard(self)
+        if self.registry is not None:
+            self.registry.discard(self)
+        waiters, self._closed_waiters = self._closed_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def readConnectionLost(self) -> None:
+        """The peer will send nothing more (it half-closed): answer what came, then close."""
+        self._accepting = False
+        if self._lingering or self._closing:
+            self.transport.loseConnection()
+            return
+        if self._state != _IDLE:
+            # An incomplete request can never complete now.
+            self._state = _IDLE
+            self._parser_dead = True
+        if not self._queue:
+            self._close()
+
+    def writeConnectionLost(self) -> None:
+        """Our write side was shut (lingering close); keep discarding input."""
+
+    def stop_accepting_keepalive(self) -> None:
+        """Graceful shutdown: answer the requests already (being) received, then close.
+
+        Idle connections close at once; a request whose first bytes have arrived is still
+        read and answered (with ``connection: close``), bounded by the usual timeouts.
+        """
+        if self._closing:
+            return
+        self._accepting = False
+        if not self._queue and self._state == _IDLE:
+            self._close()
+
+    def notify_closed(self) -> defer.Deferred:
+        """A Deferred that fires (with None) once the connection is lost."""
+        if self._lost:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._closed_waiters.append(d)
+        return d
+
+    # -- input -----------------------------------------------------------------------------------
+    def dataReceived(self, data: bytes) -> None:
+        if self._parser_dead:
+            return
+        if self._state == _HEAD:
+            # Bytes of a head that began in an earlier read: bounds what llhttp buffers for
+            # a header line that never ends (completed lines are counted in on_header).
+            self._head_wire += len(data)
+        try:
+            while True:
+                try:
+                    self._parser.feed_data(data)
+                    break
+                except httptools.HttpParserUpgrade as exc:
+                    # llhttp stops after an Upgrade (or CONNECT) request's head; we serve
+                    # it as an ordinary request and go on parsing HTTP/1.
+                    data = data[exc.args[0]:]
+                    if self._parser_dead:
+                        return
+                    if self._upgrade_framing is not None:
+                        self._read_upgrade_body()
+                    if not data:
+                        break
+        except httptools.HttpParserError as exc:
+            if not self._parser_dead:
+                self._parse_error(exc)
+            return
+        except Exception:
+            log.failure("HTTP/1 connection from {peer}: unexpected error", peer=self._peer)
+            self._abort()
+            return
+        if self._state == _HEAD and self._head_wire > self._max_head:
+            self._fail(431, "Request header fields too large")
+
+    def _parse_error(self, exc: Exception) -> None:
+        if isinstance(exc, httptools.HttpParserCallbackError):
+            cause = exc.__context__ or exc
+            log.failure("HTTP/1 connection from {peer}: error while parsing",
+                        Failure(cause, type(cause), cause.__traceback__), peer=self._peer)
+            self._fail(500, "Internal server error")
+            return
+        reason = str(exc.args[0]) if exc.args else ""
+        self._fail(400, "Bad request: %s" % reason if reason else "Bad request")
+
+    def _read_upgrade_body(self) -> None:
+        """Read the body of an Upgrade request llhttp skipped, with a fresh parser fed a
+        stand-in head carrying the same framing (Content-Length or chunked)."""
+        framing, self._upgrade_framing = self._upgrade_framing, None
+        self._parser = httptools.HttpRequestParser(self)
+        self._synthetic = True
+        try:
+            self._parser.feed_data(b"PUT / HTTP/1.1\r\n" + framing + b"\r\n")
+        finally:
+            self._synthetic = False
+
+    # httptools callbacks. Raising _Stop (after answering) stops the parser for good.
+    def on_message_begin(self) -> None:
+        if self._synthetic:
+            self._stash = (self._url, self._headers, self._head_size)
+            self._url, self._headers = b"", []
+            return
+        if not self._accepting:
+            self._parser_dead = True
+            raise _Stop()
+        self._reset_message()
+        self._state = _HEAD
+        self._started = self._head_since = self._clock.seconds()
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._head_size += len(url)
+        if len(self._url) > MAX_URL:
+            self._fail(414, "URI too long")
+            raise _Stop()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        size = self._head_size = self._head_size + len(name) + len(value) + 4
+        if size > self._max_head:
+            self._fail(431, "Request header fields too large")
+            raise _Stop()
+        lname = name.lower()
+        if lname == b"content-length":
+            self._content_length = int(value)      # llhttp accepted it: digits only
+        elif lname == b"transfer-encoding":
+            self._chunked = True                   # llhttp insists chunked comes last
+        elif lname == b"expect":
+            self._expect_continue = value.strip().lower() == b"100-continue"
+        # llhttp drops leading whitespace only; trailing whitespace is not part of the value.
+        self._headers.append((lname.decode("latin-1"), value.rstrip(b" \t").decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        if self._synthetic:
+            self._url, self._headers, self._head_size = self._stash
+            self._stash = None
+            return
+        parser = self._parser
+        self._method = parser.get_method()
+        version = self._version = parser.get_http_version()
+        self._keep_alive = parser.should_keep_alive()
+        # request line: method SP target SP HTTP/x.y CRLF, then the terminating CRLF
+        if self._head_size + len(self._method) + 13 > self._max_head:
+            self._fail(431, "Request header fields too large")
+            raise _Stop()
+        if version != "1.1" and version != "1.0":
+            self._fail(505, "HTTP version not supported")
+            raise _Stop()
+        self._state = _BODY
+        if self._content_length > 0 or self._chunked:
+            if self._content_length > self._max_body:
+                # Before reading it (and without 100 Continue): the client is told at once.
+                self._fail(413, "Content too large")
+                raise _Stop()
+            self._wants_body = True
+            self._progress = self._clock.seconds()
+            if parser.should_upgrade():
+                # httptools makes llhttp skip the body of an Upgrade request; it is read
+                # through a fresh parser once llhttp hands the connection back.
+                self._upgrade_framing = (b"transfer-encoding: chunked\r\n" if self._chunked
+                                         else b"content-length: %d\r\n" % self._content_length)
+            if self._expect_continue and version == "1.1":
+                if self._queue:
+                    # Earlier responses must go out first; sent from _flush.
+                    self._continue_pending = True
+                else:
+                    send_now(self.transport, _CONTINUE)
+
+    def on_body(self, body: bytes) -> None:
+        size = self._body_len = self._body_len + len(body)
+        if size > self._max_body:
+            self._fail(413, "Content too large")
+            raise _Stop()
+        self._body.append(body)
+        self._continue_pending = False    # the client did not wait for 100 Continue
+        self._progress = self._clock.seconds()
+
+    def on_message_complete(self) -> None:
+        if self._upgrade_framing is not None:
+            return      # the body follows; see _read_upgrade_body
+        body = self._body
+        body = b"" if not body else body[0] if len(body) == 1 else b"".join(body)
+        url = self._url.decode("latin-1")      # llhttp accepts ASCII targets only
+        path, query = _split(url)
+        method = self._method.decode("latin-1")
+        version = self._version
+        request = Request(method, path, query, self._headers, body, self._listener_id,
+                          version, self._scheme, self._peer)
+        entry = _Pending(request, method, url, version, self._keep_alive, self._started)
+        self._state = _IDLE
+        if not entry.keep_alive:
+            self._accepting = False
+        queue = self._queue
+        queue.append(entry)
+        if len(queue) >= MAX_PIPELINE:
+            self._pause_reading(_PAUSE_PIPELINE)
+        if self._method not in METHODS:
+            self._on_response(error_response(501, "Not implemented"), entry)
+            return
+        try:
+            d = self._dispatch(request)
+        except Exception:
+            log.failure("dispatching {method} {path} failed", method=method, path=path)
+            self._on_response(internal_error(), entry)
+            return
+        d.addCallbacks(self._on_response, self._on_dispatch_error, (entry,), None, (entry,))
+
+    # -- output ----------------------------------------------------------------------------------
+    def _on_dispatch_error(self, failure: Failure, entry: _Pending) -> None:
+        log.failure("request {method} {path} failed", failure,
+                    method=entry.method, path=entry.request.path)
+        self._on_response(internal_error(), entry)
+
+    def _on_response(self, response: Response, entry: _Pending) -> None:
+        if self._closing:
+            return None     # connection lost or being closed: nobody to answer
+        try:
+            if not isinstance(response, Response):
+                log.error("dispatch returned {value!r} instead of a Response", value=response)
+                response = internal_error()
+            entry.response = response
+            if self._queue and self._queue[0] is entry:
+                self._flush()
+        except Exception:
+            log.failure("HTTP/1 connection from {peer}: writing a response failed", peer=self._peer)
+            self._abort()
+        return None
+
+    def _flush(self) -> None:
+        """Write every response that is next in line, in one write."""
+        queue = self._queue
+        out: List[bytes] = []
+        while queue:
+            entry = queue[0]
+            response = entry.response
+            if response is None:
+                break
+            queue.popleft()
+            if response.abort:
+                self._log(entry, 0, 0)
+                if out:
+                    self._write(out)
+                    self._close()       # let the earlier answers out first
+                else:
+                    self._abort()
+                return
+            close = (not entry.keep_alive
+                     or (not self._accepting and not queue and self._state == _IDLE))
+            data, status, sent, close = self._serialize(entry, response, close)
+            out.append(data)
+            self._log(entry, status, sent)
+            if close:
+                self._write(out)
+                self._close(entry.linger)
+                return
+        if out:
+            self._write(out)
+        if not queue:
+            if self._state == _IDLE:
+                if not self._accepting:
+                    self._close()
+                    return
+                self._idle_since = self._clock.seconds()
+            elif self._continue_pending:
+                self._continue_pending = False
+                self._progress = self._clock.seconds()
+                send_now(self.transport, _CONTINUE)
+        if self._paused & _PAUSE_PIPELINE and len(queue) <= RESUME_PIPELINE:
+            self._resume_reading(_PAUSE_PIPELINE)
+
+    def _write(self, out: List[bytes]) -> None:
+        send_now(self.transport, out[0] if len(out) == 1 else b"".join(out))
+
+    def _serialize(self, entry: _Pending, response: Response,
+                   close: bool) -> Tuple[bytes, int, int, bool]:
+        """(bytes on the wire, status, body bytes sent, close after it) for one response."""
+        status = response.status
+        body = response.body
+        if type(status) is not int or not 100 <= status <= 999:
+            log.error("handler returned an invalid status {status!r}", status=status)
+            response = internal_error()
+            status, body = 500, response.body
+        if body is not None and type(body) is not bytes:
+            body = bytes(body)      # memoryview / bytearray (bytea from psycopg2)
+        parts = [_STATUS_LINES.get(status) or "HTTP/1.1 %d \r\n" % status]
+        add_date = add_server = True
+        for name, value in response.headers:
+            if type(name) is not str or not _TOKEN(name):
+                log.warn("dropping response header with invalid name {name!r}", name=name)
+                continue
+            lname = name.lower()
+            if lname in _DROPPED:
+                continue
+            if type(value) is not str:
+                if value is None:
+                    log.warn("dropping response header {name} with a NULL value", name=name)
+                    continue
+                value = str(value)
+            if _BAD_VALUE(value):
+                # Never let a handler split the response.
+                log.warn("dropping response header {name} with CR, LF or NUL in its value", name=name)
+                continue
+            if lname == "date":
+                add_date = False
+            elif lname == "server":
+                add_server = False
+            parts.append("%s: %s\r\n" % (name, value))
+        send_body = False
+        if status < 200:
+            close = True    # a 1xx cannot be a final answer; close so the client is not left waiting
+        elif status != 204 and status != 304 and body is not None:
+            parts.append("content-length: %d\r\n" % len(body))
+            send_body = not entry.head and len(body) > 0
+        if add_date:
+            parts.append("date: %s\r\n" % http_date(self._clock.seconds()))
+        if add_server:
+            parts.append("server: omni_httpd\r\n")
+        if close:
+            parts.append("connection: close\r\n\r\n")
+        elif entry.version == "1.0":
+            parts.append("connection: keep-alive\r\n\r\n")
+        else:
+            parts.append("\r\n")
+        head = "".join(parts)
+        try:
+            data = head.encode("latin-1")
+        except UnicodeEncodeError:
+            data = head.encode("utf-8")
+        if send_body:
+            return data + body, status, len(body), close
+        return data, status, 0, close
+
+    def _log(self, entry: _Pending, status: int, sent: int) -> None:
+        if self._access_log:
+            log_request(entry.request, entry.method, entry.target, status, sent,
+                        self._clock.seconds() - entry.started, self._worker_label,
+                        "HTTP/" + entry.version)
+
+    # -- errors and closing --------------------------------------------------------------------------
+    def _fail(self, status: int, message: str) -> None:
+        """Answer with a server-generated error after what is pending, then close."""
+        if self._closing:
+            return
+        self._accepting = False
+        self._parser_dead = True
+        now = self._clock.seconds()
+        partial = self._state != _IDLE
+        self._state = _IDLE
+        method = self._method.decode("latin-1") if partial and self._method else "-"
+        target = self._url[:200].decode("latin-1") if partial and self._url else "-"
+        request = Request(method, target, None, peer=self._peer)
+        entry = _Pending(request, method, target, "1.1", False, self._started if partial else now)
+        entry.response = error_response(status, message)
+        entry.linger = True
+        self._queue.append(entry)
+        self._flush()
+
+    def _close(self, linger: bool = False) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._accepting = False
+        self._parser_dead = True
+        transport = self.transport
+        try:
+            transport.unregisterProducer()  # a paused producer would keep the connection open
+        except Exception:
+            pass
+        if linger and _plain_tcp(transport):
+            self._lingering = True
+            transport.loseWriteConnection()
+            if self._paused:
+                transport.resumeProducing()  # read and discard, so the peer's FIN is seen
+            self._linger_call = self._clock.callLater(LINGER_SECONDS, transport.loseConnection)
+        else:
+            transport.loseConnection()
+
+    def _abort(self) -> None:
+        if self._lost:
+            return
+        self._closing = True
+        self._accepting = False
+        self._parser_dead = True
+        self._queue.clear()
+        self.transport.abortConnection()
+
+    # -- flow control ------------------------------------------------------------------------------
+    def _pause_reading(self, reason: int) -> None:
+        if not self._paused and not self._closing:
+            self.transport.pauseProducing()
+        self._paused |= reason
+
+    def _resume_reading(self, reason: int) -> None:
+        if self._paused & reason:
+            self._paused &= ~reason
+            if not self._paused and not self._closing:
+                # Time spent paused by us does not count against the client.
+                self._head_since = self._progress = self._clock.seconds()
+                self.transport.resumeProducing()
+
+    # IPushProducer, for the transport: its write buffer is full / has drained.
+    def pauseProducing(self) -> None:
+        self._pause_reading(_PAUSE_BACKPRESSURE)
+
+    def resumeProducing(self) -> None:
+        self._resume_reading(_PAUSE_BACKPRESSURE)
+
+    def stopProducing(self) -> None:
+        pass
+
+    # -- timeouts --------------------------------------------------------------------------------------
+    def _arm_timer(self, delay: float) -> None:
+        if delay > 0:
+            self._timer = self._clock.callLater(delay, self._tick)
+
+    def _tick(self) -> None:
+        """The connection's one timer: enforce the deadline of the current state.
+
+        Whatever the state, the timer is re-armed no later than ``_tick_every`` from
+        now; every deadline a later state change can set lies at least that far ahead,
+        so it never has to be moved sooner.
+        """
+        self._timer = None
+        if self._closing:
+            return
+        now = self._clock.seconds()
+        deadline = None
+        state = self._state
+        if self._paused:
+            pass
+        elif state == _HEAD:
+            if self._header_timeout > 0:
+                deadline = self._head_since + self._header_timeout
+                if now >= deadline:
+                    self._fail(408, "Request timeout")
+                    return
+        elif state == _BODY:
+            if self._wants_body and not self._continue_pending and self._body_timeout > 0:
+                deadline = self._progress + self._body_timeout
+                if now >= deadline:
+                    self._fail(408, "Request timeout")
+                    return
+        elif not self._queue and self._idle_timeout > 0:
+            deadline = self._idle_since + self._idle_timeout
+            if now >= deadline:
+                self._close()       # idle keep-alive connection: close silently
+                return
+        delay = self._tick_every
+        if deadline is not None and deadline - now < delay:
+            delay = deadline - now
+        self._arm_timer(delay)
