@@ -6,13 +6,16 @@ raise `TLSConfigError` with a one-line message an operator can act on.
 """
 from __future__ import annotations
 
-from typing import List
-
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+import OpenSSL
 from OpenSSL import crypto
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.protocols.tls import TLSMemoryBIOFactory
+
+# pyOpenSSL 24.3 takes cryptography's certificate and key objects directly (and deprecates
+# its own X509/PKey there); older versions need its own.
+_TAKES_CRYPTOGRAPHY_OBJECTS = tuple(int(part) for part in OpenSSL.__version__.split(".")[:2]) >= (24, 3)
 
 #: ALPN protocols offered, in order of preference.
 ALPN_PROTOCOLS = [b"h2", b"http/1.1"]
@@ -49,10 +52,15 @@ def server_context_factory(cert_path: str, key_path: str) -> CertificateOptions:
     encoding = serialization.Encoding.DER
     if leaf.public_key().public_bytes(encoding, public) != key.public_key().public_bytes(encoding, public):
         raise TLSConfigError("TLS key %s does not match certificate %s" % (key_path, cert_path))
-    extra: List[crypto.X509] = [crypto.X509.from_cryptography(cert) for cert in chain[1:]]
+    if _TAKES_CRYPTOGRAPHY_OBJECTS:
+        private_key, certificate, extra = key, leaf, list(chain[1:])
+    else:
+        private_key = crypto.PKey.from_cryptography_key(key)
+        certificate = crypto.X509.from_cryptography(leaf)
+        extra = [crypto.X509.from_cryptography(cert) for cert in chain[1:]]
     return CertificateOptions(
-        privateKey=crypto.PKey.from_cryptography_key(key),
-        certificate=crypto.X509.from_cryptography(leaf),
+        privateKey=private_key,
+        certificate=certificate,
         extraCertChain=extra,
         acceptableProtocols=ALPN_PROTOCOLS,
         raiseMinimumTo=TLSVersion.TLSv1_2,
