@@ -140,12 +140,14 @@ def _format_peer(address) -> str:
 
 
 def _split(url: str) -> Tuple[str, Optional[str]]:
+    """(path, query) of a request target in any of the four forms of RFC 9112 3.2."""
     if url[:1] != "/":
         match = _ABSOLUTE_FORM(url)
-        if match is not None:
-            url = url[match.end():]
-            if url[:1] != "/":
-                url = "/" + url
+        if match is None:
+            return url, None        # authority-form (CONNECT host:port) or asterisk-form
+        url = url[match.end():]
+        if url[:1] != "/":
+            url = "/" + url
     return split_target(url)
 
 
@@ -329,10 +331,12 @@ class HTTP1Protocol(Protocol):
 
     def _parse_error(self, exc: Exception) -> None:
         if isinstance(exc, httptools.HttpParserCallbackError):
+            # A bug in a callback: the request it was building may never be answered, so
+            # an error answer queued behind it could wait forever. Drop the connection.
             cause = exc.__context__ or exc
             log.failure("HTTP/1 connection from {peer}: error while parsing",
                         Failure(cause, type(cause), cause.__traceback__), peer=self._peer)
-            self._fail(500, "Internal server error")
+            self._abort()
             return
         reason = str(exc.args[0]) if exc.args else ""
         self._fail(400, "Bad request: %s" % reason if reason else "Bad request")
@@ -451,12 +455,12 @@ class HTTP1Protocol(Protocol):
             self._on_response(error_response(501, "Not implemented"), entry)
             return
         try:
-            d = self._dispatch(request)
+            self._dispatch(request).addCallbacks(self._on_response, self._on_dispatch_error,
+                                                 (entry,), None, (entry,))
         except Exception:
             log.failure("dispatching {method} {path} failed", method=method, path=path)
-            self._on_response(internal_error(), entry)
-            return
-        d.addCallbacks(self._on_response, self._on_dispatch_error, (entry,), None, (entry,))
+            if entry.response is None:
+                self._on_response(internal_error(), entry)
 
     # -- output ----------------------------------------------------------------------------------
     def _on_dispatch_error(self, failure: Failure, entry: _Pending) -> None:

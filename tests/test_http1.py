@@ -190,6 +190,21 @@ def test_upgrade_request_served_as_plain_http1_with_body():
     assert c.responses()[0].header("upgrade") is None
 
 
+def test_upgrade_request_with_chunked_body():
+    c = Conn()
+    c.send(b"POST /u HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+           b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\nGET /n HTTP/1.1\r\n\r\n")
+    assert [(r.path, r.body) for r in c.dispatch.requests] == [("/u", b"abc"), ("/n", b"")]
+
+
+def test_connect_then_more_http1():
+    c = Conn()
+    c.send(b"CONNECT example.org:443 HTTP/1.1\r\n\r\nGET /after HTTP/1.1\r\n\r\n")
+    assert [(r.method, r.path) for r in c.dispatch.requests] == [
+        ("CONNECT", "example.org:443"), ("GET", "/after")]
+    assert [r.status for r in c.responses()] == [200, 200]
+
+
 def test_unknown_method_501_connection_kept():
     c = Conn()
     c.send(b"PROPFIND /x HTTP/1.1\r\n\r\nGET /y HTTP/1.1\r\n\r\n")
@@ -352,6 +367,12 @@ def test_dispatch_raising_is_500():
     c = Conn(boom)
     c.send(b"GET / HTTP/1.1\r\n\r\n")
     assert c.responses()[0].status == 500
+
+
+def test_dispatch_returning_a_non_deferred_is_500():
+    c = Conn(lambda request: Response(200, [], b"not a deferred"))
+    c.send(b"GET / HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\n\r\n")
+    assert [r.status for r in c.responses()] == [500, 500]
 
 
 def test_invalid_status_from_handler_is_500():
