@@ -6,6 +6,7 @@ on the wire. One test at the end runs over a real TCP socket with treq.
 """
 from __future__ import annotations
 
+import socket
 from typing import List, Optional, Tuple
 
 import pytest
@@ -13,7 +14,7 @@ import pytest_twisted
 import treq
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.address import IPv4Address
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.client import HTTPConnectionPool
@@ -736,3 +737,63 @@ def test_real_tcp_pipelined_burst():
         assert bodies == [b"hello /%d" % i for i in range(100)] + [b"hello /last"]
     finally:
         yield port.stopListening()
+
+
+class _HalfClosingClient(_RawClient):
+    def connectionMade(self):
+        self.transport.write(self.payload)
+        self.transport.loseWriteConnection()
+
+
+@pytest_twisted.inlineCallbacks
+def test_real_tcp_client_half_closes_after_request():
+    """`printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc host port` style clients get their answer."""
+    dispatch = FakeDispatch(manual=True)
+    factory = _Factory(dispatch)
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    try:
+        client = _HalfClosingClient(b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n")
+        yield protocol.ClientCreator(reactor, lambda: client).connectTCP("127.0.0.1", port.getHost().port)
+        deadline = reactor.seconds() + 10
+        while len(dispatch.deferreds) < 2 and reactor.seconds() < deadline:
+            yield deferLater(reactor, 0.01)
+        dispatch.deferreds[1].callback(Response(200, [], b"B"))
+        dispatch.deferreds[0].callback(Response(200, [], b"A"))
+        yield client.done
+        first, second = parse_responses(client.received)
+        assert (first.body, second.body) == (b"A", b"B")
+        assert second.header("connection") == "close"
+    finally:
+        yield port.stopListening()
+
+
+def test_send_now_direct_then_buffered_rest():
+    """Direct socket send when nothing is buffered; what the kernel refuses goes to write()."""
+    from twisted.internet import tcp
+    from twisted.internet.testing import MemoryReactor
+
+    ours, peer = socket.socketpair()
+    try:
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        fake_reactor = MemoryReactor()
+        conn = tcp.Connection(ours, protocol.Protocol(), fake_reactor)
+        conn.connected = True
+        data = bytes(range(256)) * 4096                  # 1 MiB: more than the socket takes
+        http1.send_now(conn, data)
+        buffered = b"".join(conn._tempDataBuffer)
+        assert 0 < len(buffered) < len(data)              # part went straight out
+        assert conn in fake_reactor.writers                # Twisted sends the rest later
+        peer.setblocking(False)
+        received = b""
+        while True:
+            try:
+                chunk = peer.recv(1 << 20)
+            except BlockingIOError:
+                break
+            received += chunk
+        assert received + buffered == data
+        http1.send_now(conn, b"more")                     # buffer not empty: no overtaking
+        assert conn._tempDataBuffer[-1] == b"more"
+    finally:
+        ours.close()
+        peer.close()
