@@ -24,6 +24,7 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.logger import formatEvent, globalLogPublisher
 
 from omni_httpd.connection import PREFACE, ServerFactory
 from omni_httpd.request import Request
@@ -310,6 +311,37 @@ def test_dispatch_failure_is_a_500_on_that_stream():
     client.pump()
     assert client.results[stream_id].status == 500
     assert bytes(client.results[stream_id].body) == b"Internal server error"
+
+
+def test_unusable_responses_do_not_break_the_connection():
+    dispatch = HeldDispatch()
+    client = MemoryClient(make_factory(dispatch))
+    informational = client.request("GET", "/1xx")
+    broken = client.request("GET", "/broken")
+    dispatch.answer(0, Response(101, [], b""))
+    dispatch.answer(1, Response(200, [("x-none", None)], b""))
+    client.pump()
+    assert client.results[informational].status == 500
+    assert client.results[broken].reset == ErrorCodes.INTERNAL_ERROR
+    later = client.request("GET", "/later")
+    dispatch.answer(2, Response(200, [], b"fine"))
+    client.pump()
+    assert client.results[later].body == b"fine"
+
+
+def test_access_log_line():
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        dispatch = HeldDispatch()
+        client = MemoryClient(make_factory(dispatch, access_log=True))
+        client.request("GET", "/logged?x=1")
+        dispatch.answer(0, Response(200, [], b"12345"))
+        client.pump()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    [line] = [formatEvent(e) for e in events if e.get("log_namespace") == "omni_httpd.access"]
+    assert '"GET /logged?x=1 HTTP/2" 200 5 ' in line
 
 
 def test_large_bodies_both_ways_with_flow_control():
