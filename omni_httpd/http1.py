@@ -70,7 +70,7 @@ _IDLE, _HEAD, _BODY = 0, 1, 2
 # Why reading is paused (bit flags).
 _PAUSE_PIPELINE, _PAUSE_BACKPRESSURE = 1, 2
 
-_SERVER = "omni_httpd"
+_SERVER_LINE = "server: omni_httpd\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Header names the protocol writes itself; the handler's are dropped.
 _DROPPED = frozenset(["content-length", "transfer-encoding", "connection"])
@@ -172,7 +172,6 @@ class HTTP1Protocol(Protocol):
         if clock is None:
             from twisted.internet import reactor as clock
         self._dispatch = dispatch
-        self._settings = settings
         self._listener_id = listener_id
         self._scheme = scheme
         self._clock = clock
@@ -571,7 +570,7 @@ class HTTP1Protocol(Protocol):
         if add_date:
             parts.append("date: %s\r\n" % http_date(self._clock.seconds()))
         if add_server:
-            parts.append("server: omni_httpd\r\n")
+            parts.append(_SERVER_LINE)
         if close:
             parts.append("connection: close\r\n\r\n")
         elif entry.version == "1.0":

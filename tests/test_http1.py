@@ -2,7 +2,7 @@
 
 The protocol is driven with in-memory transports and a `Clock`; ``dispatch`` is a stand-in
 for the database (what a handler would answer). Assertions are about what a client sees
-on the wire. One test at the end runs over a real TCP socket with treq.
+on the wire. The tests at the end run over real sockets (treq, raw clients).
 """
 from __future__ import annotations
 
