@@ -55,3 +55,76 @@ def _drop_database(cluster, name):
     with admin.cursor() as cur:
         cur.execute('DROP DATABASE IF EXISTS "%s" WITH (FORCE)' % name)
     admin.close()
+
+
+@pytest.fixture(scope="session")
+def schema_template(pg_cluster):
+    """Name of a database with the omni_httpd schema installed, to copy from."""
+    from omni_httpd import migrations
+
+    name = "t_template_%d" % os.getpid()
+    admin = psycopg2.connect(pg_cluster.dsn)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute('CREATE DATABASE "%s"' % name)
+    admin.close()
+    migrations.apply(dsn_for(pg_cluster, name))
+    yield name
+    _drop_database(pg_cluster, name)
+
+
+@pytest.fixture
+def dsn(pg_cluster, schema_template):
+    """DSN of a new database with the omni_httpd schema installed (a copy of the template)."""
+    name = "t_schema_%d_%d" % (os.getpid(), next(_counter))
+    admin = psycopg2.connect(pg_cluster.dsn)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute('CREATE DATABASE "%s" TEMPLATE "%s"' % (name, schema_template))
+    admin.close()
+    yield dsn_for(pg_cluster, name)
+    _drop_database(pg_cluster, name)
+
+
+@pytest.fixture
+def make_role(pg_cluster):
+    """Factory: make_role(*grant_to, superuser=False) -> name of a new LOGIN role.
+
+    The roles are dropped after the test (with what they own or were granted in every
+    database still present); close their connections before the test ends.
+    """
+    created = []
+
+    def make(*member_of, superuser=False):
+        name = "t_role_%d_%d" % (os.getpid(), next(_counter))
+        admin = psycopg2.connect(pg_cluster.dsn)
+        admin.autocommit = True
+        with admin.cursor() as cur:
+            cur.execute('CREATE ROLE "%s" LOGIN %s' % (name, "SUPERUSER" if superuser else "NOSUPERUSER"))
+            for group in member_of:
+                cur.execute('GRANT "%s" TO "%s"' % (group, name))
+        admin.close()
+        created.append(name)
+        return name
+
+    yield make
+    if not created:
+        return
+    admin = psycopg2.connect(pg_cluster.dsn)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute("SELECT datname FROM pg_database WHERE datallowconn")
+        databases = [row[0] for row in cur.fetchall()]
+    admin.close()
+    for database in databases:
+        conn = psycopg2.connect(dsn_for(pg_cluster, database))
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("DROP OWNED BY %s" % ", ".join('"%s"' % name for name in created))
+        conn.close()
+    admin = psycopg2.connect(pg_cluster.dsn)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        for name in reversed(created):
+            cur.execute('DROP ROLE "%s"' % name)
+    admin.close()
