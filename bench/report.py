@@ -119,8 +119,15 @@ def extras(results: dict) -> List[str]:
         else:
             lines.append("omni_httpd reload latency: no change seen in %d samples" % reload["samples"])
     if "exit_code" in daemon:
-        lines.append("omni_httpd exit on SIGTERM: %s" % (
-            "code %s" % daemon["exit_code"] if daemon["exit_code"] is not None else "killed after 20 s"))
+        code = daemon["exit_code"]
+        if code is None:
+            how = "did not exit within 20 s, killed"
+        elif code == -15:
+            how = "exited by SIGTERM (twistd re-raises the signal after its shutdown)"
+        else:
+            how = "exit code %s" % code
+        took = " after %.2f s" % daemon["stop_s"] if daemon.get("stop_s") is not None and code is not None else ""
+        lines.append("omni_httpd stop on SIGTERM to the master: %s%s" % (how, took))
     for name, rss in sorted((results.get("peer_rss") or {}).items()):
         lines.append("%s RSS after the run: main %.1f MB, children %s MB" % (
             name, rss["main_mb"], ", ".join("%.1f" % v for v in rss["workers_mb"]) or "-"))

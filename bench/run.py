@@ -61,7 +61,7 @@ SERVER_ORDER = ["daemon", "gunicorn", "uvicorn", "nginx", "pgbench"]
 SMOKE_TARGETS = ["daemon-h1", "daemon-h2c"]
 
 # tool -> Debian package that ships it
-TOOLS = {"wrk": "wrk", "h2load": "nghttp2-client", "nginx": "nginx", "pgbench": "postgresql-15"}
+TOOLS = {"wrk": "wrk", "h2load": "nghttp2-client", "nginx": "nginx", "pgbench": "postgresql"}
 
 
 @dataclass
@@ -233,7 +233,9 @@ def run_http_server(server, targets: List[Target], workloads: List[Workload], ct
         log("stopping %s" % server.name)
         server.stop()
         if isinstance(server, DaemonServer):
-            results.setdefault("daemon", {})["exit_code"] = getattr(server, "exit_code", None)
+            daemon = results.setdefault("daemon", {})
+            daemon["exit_code"] = getattr(server, "exit_code", None)
+            daemon["stop_s"] = getattr(server, "stop_seconds", None)
 
 
 def run_pgbench(target: Target, workloads: List[Workload], ctx: Context, pgbench_bin: str,

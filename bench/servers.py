@@ -37,6 +37,7 @@ class Proc:
     def __init__(self, argv: List[str], log_path: str, env: Optional[dict] = None, cwd: Optional[str] = None):
         self.argv, self.log_path, self.env, self.cwd = argv, log_path, env, cwd
         self.popen: Optional[subprocess.Popen] = None
+        self.stop_seconds: Optional[float] = None
 
     def start(self) -> None:
         with open(self.log_path, "ab") as log:
@@ -65,6 +66,13 @@ class Proc:
         group after `grace`. Returns the exit code, None if it had to be killed."""
         if self.popen is None:
             return None
+        started = time.monotonic()
+        try:
+            return self._stop(grace, group_first)
+        finally:
+            self.stop_seconds = time.monotonic() - started
+
+    def _stop(self, grace: float, group_first: bool) -> Optional[int]:
         if self.popen.poll() is None:
             try:
                 if group_first:
@@ -252,7 +260,12 @@ class DaemonServer(Server):
             twistd = "twistd"
         argv = [twistd, "-n", "--pidfile", os.path.join(self.ctx.workdir, "twistd.pid"), "omni_httpd",
                 "--dsn", self.ctx.dsn, "--http-workers", str(self.workers), "--no-init", "--admin", "none"]
-        return Proc(argv, os.path.join(self.ctx.workdir, "omni_httpd.log"), cwd=self.ctx.workdir)
+        # the same omni_httpd (and its twisted/plugins) as this process, installed or not
+        import omni_httpd
+        root = os.path.dirname(os.path.dirname(os.path.abspath(omni_httpd.__file__)))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        return Proc(argv, os.path.join(self.ctx.workdir, "omni_httpd.log"), env=env, cwd=self.ctx.workdir)
 
     def _connect(self):
         conn = psycopg2.connect(self.ctx.dsn)
@@ -330,6 +343,7 @@ class DaemonServer(Server):
         # SIGTERM to the master only: it stops its workers itself (graceful shutdown).
         if self.proc is not None:
             self.exit_code = self.proc.stop(grace=20, group_first=False)
+            self.stop_seconds = self.proc.stop_seconds
 
     # -- extra measurements ---------------------------------------------------------------
     def reload_latency(self, samples: int, timeout: float = 10.0) -> Dict[str, object]:

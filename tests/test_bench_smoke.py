@@ -1,0 +1,63 @@
+"""The benchmark suite's smoke mode: bench/run.py --smoke starts a private PostgreSQL and
+the daemon (`twistd -n omni_httpd`), checks every workload's response over HTTP/1.1 (and
+h2c when h2load is installed), loads each for about a second, and measures RSS, restart
+time and reload latency. No thresholds: this checks that the suite and the daemon work
+together, not how fast they are.
+
+wrk is required (the CI script installs it). Without it the test checks that the suite
+refuses with the exact apt-get command to run, then fails saying so: never a skip.
+"""
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN = os.path.join(REPO, "bench", "run.py")
+
+
+def _run(args, tmp_path):
+    proc = subprocess.run([sys.executable, RUN, "--smoke", "--results-dir", str(tmp_path)] + args,
+                          capture_output=True, text=True, timeout=180, cwd=str(tmp_path))
+    return proc, proc.stdout + proc.stderr
+
+
+def test_bench_smoke(tmp_path):
+    if shutil.which("wrk") is None:
+        proc, output = _run([], tmp_path)
+        assert proc.returncode == 2, output
+        assert "apt-get install -y" in output and " wrk" in output, output
+        pytest.fail("wrk is not installed, so the benchmark cannot run; install it with: "
+                    "apt-get install -y wrk nghttp2-client")
+
+    proc, output = _run([], tmp_path)
+    assert proc.returncode == 0, output
+
+    reports = glob.glob(str(tmp_path / "*.json"))
+    assert len(reports) == 1, output
+    with open(reports[0]) as handle:
+        results = json.load(handle)
+    rows = {(r["target"], r["workload"]): r for r in results["rows"]}
+    expected_targets = ["daemon-h1"] + (["daemon-h2c"] if shutil.which("h2load") else [])
+    for target in expected_targets:
+        for workload in ("W1", "W2", "W3"):
+            r = rows[(target, workload)]
+            assert r["rps"] is not None, (target, workload, r["message"], output)
+            assert r["requests"] > 0 and r["errors"] == 0 and r["non2xx"] == 0, (r, output)
+            assert 0 < r["p50_ms"] <= r["p99_ms"], r
+
+    daemon = results["daemon"]
+    assert daemon["rss"]["main_mb"] > 0 and len(daemon["rss"]["workers_mb"]) == 2, daemon
+    assert daemon["restart_s"] is not None and daemon["restart_s"] > 0, daemon
+    assert daemon["reload"]["failures"] == 0 and daemon["reload"]["median_ms"] > 0, daemon
+
+    # the printed table and the Markdown report carry the same rows
+    assert "omni_httpd HTTP/1.1" in output and "req/s" in output
+    markdown = open(reports[0][:-len(".json")] + ".md").read()
+    assert "| omni_httpd HTTP/1.1 | W1 |" in markdown
+    # smoke runs never replace the committed latest report
+    assert not os.path.exists(tmp_path / "latest.md")
