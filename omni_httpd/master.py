@@ -168,8 +168,10 @@ class MasterService(service.MultiService):
             log.failure("start-up failed", failure)
             message = one_line(failure.value)
         log.critical("omni_httpd cannot start: {message}", message=message)
-        sys.stderr.write("omni_httpd: error: %s\n" % message)
-        sys.stderr.flush()
+        # twistd routes sys.stderr into the log; the operator's terminal is the original.
+        stream = sys.__stderr__ or sys.stderr
+        stream.write("omni_httpd: error: %s\n" % message)
+        stream.flush()
         self._failed = True
         if not self.ready.called:
             self.ready.errback(failure)
@@ -204,6 +206,10 @@ class MasterService(service.MultiService):
         if self.embedded is not None:
             await threads.deferToThread(self.embedded.stop)
             log.info("embedded PostgreSQL stopped")
+        if not self._failed:
+            # twistd re-raises the signal that stopped the reactor (the process would end
+            # "killed by SIGTERM"); an orderly shutdown is a success: exit status 0.
+            self.reactor._exitSignal = None
         log.info("stopped")
 
 

@@ -68,7 +68,9 @@ class Worker:
         path = sibling_socket_path(self.run_dir, self.slot)
         if os.path.exists(path):
             os.unlink(path)
-        self.sibling_port = self.reactor.listenUNIX(path, SiblingServer(self.dispatcher.run_forwarded))
+        sibling_server = SiblingServer(self.dispatcher.run_forwarded, max_body=settings.max_body)
+        sibling_server.noisy = False
+        self.sibling_port = self.reactor.listenUNIX(path, sibling_server, mode=0o600)
         self.control = control.adopt(self.reactor, CONTROL_FD,
                                      control.ControlProtocol(self.on_message, self.on_control_lost))
         self.control.send({"type": "ready", "pid": os.getpid()})
@@ -160,6 +162,7 @@ class Worker:
         scheme = entry["protocol"]
         factory = ServerFactory(self.dispatcher.dispatch, self.settings, entry["id"], scheme,
                                 clock=self.reactor, worker_label=self.label)
+        factory.noisy = False
         served = factory
         if scheme == "https":
             from twisted.protocols.tls import TLSMemoryBIOFactory

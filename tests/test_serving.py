@@ -61,6 +61,8 @@ def raw(port, data: bytes, timeout=10.0) -> bytes:
                 chunk = sock.recv(65536)
             except socket.timeout:
                 break
+            except ConnectionResetError:  # an aborted connection may end with a reset
+                break
             if not chunk:
                 break
             chunks.append(chunk)
@@ -149,7 +151,7 @@ async def test_query_error_is_500_logged_and_worker_keeps_serving(served):
     assert response.code == 500
     assert await treq.content(response) == b"Internal server error"
     served.daemon.wait_for(r"division by zero", start=mark)
-    response = await treq.get(base + "/ab", persistent=False)
+    response = await treq.get(base + "/a", persistent=False)
     assert response.code == 200
     assert await treq.content(response) == b"1"
 
@@ -271,7 +273,7 @@ async def test_proxy_outcome_forwards_and_relays(served):
         assert response.code == 202
         assert response.headers.getRawHeaders("x-upstream") == ["yes"]
         assert await treq.content(response) == b"from upstream"
-        assert seen == {"method": b"PUT", "host": b"original.example", "body": b"payload"}
+        assert seen == {"method": b"PUT", "host": "original.example", "body": b"payload"}
     finally:
         await port.stopListening()
 
