@@ -19,7 +19,7 @@ from typing import Any, List, Optional, Tuple
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from klein import Klein
 from twisted.logger import Logger
-from twisted.web import resource, static
+from twisted.web import pages, resource, static
 from werkzeug.exceptions import HTTPException, NotFound
 
 from omni_httpd import console_db as db
@@ -62,7 +62,7 @@ class _StaticFiles(static.File):
     """Static assets without directory listings."""
 
     def directoryListing(self):
-        return resource.NoResource()
+        return pages.notFound()
 
 
 class _SecurityHeaders(resource.Resource):
@@ -182,7 +182,8 @@ class AdminConsole:
     ``state`` answers ``workers()``, ``listeners()`` and ``last_reload()`` (see
     docs/architecture.md); ``dsn`` is where the console reads and edits the
     configuration, with its own connections. ``generated_password`` is set when neither
-    ``password`` nor ``password_file`` is given: the master logs it once.
+    ``password`` nor ``password_file`` is given: the master logs it once (it is dropped
+    at the first successful login; the console itself keeps only its argon2 hash).
     ``login_delay`` is the failed-login slow-down ``(first delay, cap)`` in seconds.
     """
 
@@ -197,6 +198,7 @@ class AdminConsole:
         self._state = state
         self._password = AdminPassword(password, password_file)
         self.generated_password: Optional[str] = self._password.generated
+        self._password.generated = None
         self._sessions = Sessions(reactor)
         self._throttle = LoginThrottle(reactor, base=login_delay[0], cap=login_delay[1])
         self._db = ConsoleDatabase(dsn, reactor)
@@ -293,6 +295,8 @@ class AdminConsole:
             return self._render(request, "login.html", status=403, sid=sid,
                                 error="Wrong password.")
         self._sessions.end(sid)
+        # Someone has used it: the plain text need not stay in memory any longer.
+        self.generated_password = None
         sid, cookie = self._sessions.new(logged_in=True)
         self._set_cookie(request, cookie)
         log.info("admin console: login from {address}", address=address)

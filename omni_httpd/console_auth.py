@@ -31,7 +31,8 @@ class AdminPassword:
         if password is not None and password_file is not None:
             raise ValueError("give either an admin password or an admin password file, not both")
         self._hasher = PasswordHasher()
-        #: The generated password (None unless neither a password nor a file was given).
+        #: The generated password (None unless neither a password nor a file was given);
+        #: only the hash stays here once the console has handed it out.
         self.generated: Optional[str] = None
         if password_file is not None:
             try:
