@@ -120,7 +120,7 @@ def launch_chromium(playwright):
     return playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
 
 
-def run_in_browser(script: Callable, *args) -> defer.Deferred:
+def run_in_browser(script: Callable, *args, javascript: bool = True) -> defer.Deferred:
     """Run ``script(page, *args)`` in a fresh headless Chromium on a thread.
 
     Playwright's sync API blocks; on a thread the reactor keeps serving the console the
@@ -131,7 +131,8 @@ def run_in_browser(script: Callable, *args) -> defer.Deferred:
         with sync_playwright() as playwright:
             browser = launch_chromium(playwright)
             try:
-                context = browser.new_context(viewport={"width": 1280, "height": 900})
+                context = browser.new_context(viewport={"width": 1280, "height": 900},
+                                              java_script_enabled=javascript)
                 page = context.new_page()
                 page.set_default_timeout(20000)
                 return script(page, *args)
