@@ -1,0 +1,486 @@
+"""DBThread and LocalExecutor against a real PostgreSQL with the schema installed.
+
+No mocks: handlers are installed with omni_httpd._install_handler and run through the
+prepared statements; outages are real (backends terminated, connections refused).
+"""
+import inspect
+import itertools
+import os
+import threading
+import time
+
+import psycopg2
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import CancelledError, DeferredList, gatherResults
+from twisted.internet.task import deferLater
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from omni_httpd import migrations, proxy
+from omni_httpd.dbthread import DatabaseUnavailable, DBThread, HandlerError
+from omni_httpd.outcome import LocalExecutor
+from omni_httpd.request import Request
+from omni_httpd.settings import Settings
+
+_roles = itertools.count()
+
+
+def respond(expression, where=""):
+    """A handler answering ``expression`` (SQL) as the response body."""
+    return "SELECT omni_httpd.http_response(%s) FROM request %s" % (expression, where)
+
+
+def get(path="/", **kwargs):
+    fields = dict(method="GET", path=path, query_string=None, headers=[], body=b"", listener_id=1)
+    fields.update(kwargs)
+    return Request(**fields)
+
+
+def admin_execute(dsn, statement, params=None):
+    conn = psycopg2.connect(dsn)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(statement, params)
+            return cur.fetchall() if cur.description else None
+    finally:
+        conn.close()
+
+
+async def wait_for(predicate, timeout=10.0, interval=0.02):
+    """Poll ``predicate`` (may return a Deferred or coroutine) until true; fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met within %ss" % timeout)
+        await deferLater(reactor, interval, lambda: None)
+
+
+class CountingReactor:
+    """The real reactor, counting thread -> reactor hand-offs."""
+
+    def __init__(self, real):
+        self._real = real
+        self.from_thread = 0
+
+    def callFromThread(self, f, *args, **kwargs):
+        self.from_thread += 1
+        return self._real.callFromThread(f, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+@pytest.fixture
+def schema_dsn(empty_dsn):
+    migrations.apply(empty_dsn)
+    return empty_dsn
+
+
+@pytest.fixture
+def make_db(schema_dsn):
+    made = []
+
+    def make(**kwargs):
+        kwargs.setdefault("reactor", reactor)
+        kwargs.setdefault("reconnect_delays", (0.05, 0.2))
+        db = DBThread(schema_dsn, **kwargs)
+        made.append(db)
+        return db
+
+    yield make
+    for db in made:
+        pytest_twisted.blockon(db.stop())
+
+
+@pytest.fixture
+def role(schema_dsn):
+    name = "t_role_%d_%d" % (os.getpid(), next(_roles))
+    admin_execute(schema_dsn, 'CREATE ROLE "%s"' % name)
+    yield name
+    admin_execute(schema_dsn, 'DROP OWNED BY "%s"' % name)
+    admin_execute(schema_dsn, 'DROP ROLE "%s"' % name)
+
+
+async def started(make_db, handlers=None, generation=1, **kwargs):
+    db = make_db(**kwargs)
+    await db.start()
+    if handlers is not None:
+        errors = await db.apply_configuration(generation, handlers)
+        assert errors == {}
+    return db
+
+
+# -- batching ------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_jobs_run_in_order_on_one_thread_with_one_hand_off_per_batch(make_db):
+    counting = CountingReactor(reactor)
+    db = await started(make_db, reactor=counting)
+    changes = []
+    db.on_busy_change(changes.append)
+    assert db.busy is False
+
+    gate = threading.Event()
+    order = []
+
+    def job(i):
+        order.append(i)
+        return i, threading.get_ident()
+
+    before = counting.from_thread
+    blocked = db.submit(gate.wait, 10)       # holds the DB thread while we queue more
+    jobs = [db.submit(job, i) for i in range(100)]
+    assert db.busy is True
+    gate.set()
+    results = await gatherResults([blocked] + jobs)
+
+    assert results[0] is True
+    assert [i for i, _ in results[1:]] == list(range(100)) == order
+    threads = {ident for _, ident in results[1:]}
+    assert len(threads) == 1 and threading.get_ident() not in threads
+    # 101 jobs, a handful of wake-ups of the reactor (not one per job).
+    assert counting.from_thread - before <= 3
+    await wait_for(lambda: not db.busy)
+    assert changes == [True, False]
+
+
+@pytest_twisted.ensureDeferred
+async def test_job_errors_stay_with_their_job(make_db):
+    db = await started(make_db)
+
+    def boom():
+        raise ValueError("boom")
+
+    results = await DeferredList([db.submit(lambda: 1), db.submit(boom), db.submit(lambda: 3)],
+                                 consumeErrors=True)
+    assert results[0] == (True, 1) and results[2] == (True, 3)
+    assert results[1][0] is False and results[1][1].check(ValueError)
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancelled_job_is_skipped(make_db):
+    db = await started(make_db)
+    gate = threading.Event()
+    ran = []
+    blocked = db.submit(gate.wait, 10)
+    skipped = db.submit(ran.append, "skipped")
+    kept = db.submit(ran.append, "kept")
+    skipped.cancel()
+    gate.set()
+    await blocked
+    await kept
+    with pytest.raises(CancelledError):
+        await skipped
+    assert ran == ["kept"]
+
+
+# -- running handlers ------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_run_returns_the_handler_row(make_db):
+    db = await started(make_db, {7: (respond("'hi ' || request.path"), "postgres")})
+    row = await db.run(7, get("/there"))
+    kind, status, names, values, body, url, preserve = row
+    assert (kind, status, body) == ("response", 200, b"hi /there")
+    assert [n.lower() for n in names] == ["content-type"]
+    assert values == ["text/plain; charset=utf-8"]
+    assert await db.run(7, get("/x")) is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_request_reaches_the_handler(make_db):
+    query = respond(
+        "format('%s|%s|%s|%s|%s|%s', request.method, request.path, "
+        "coalesce(request.query_string, '<null>'), convert_from(request.body, 'UTF8'), "
+        "omni_http.http_header_get(request.headers, 'X-A'), "
+        "(request.*::omni_httpd.http_request).path)")
+    db = await started(make_db, {1: (query, "postgres")})
+    row = await db.run(1, get("/p/q", method="POST", query_string="a=1&b", body=b"caf\xc3\xa9",
+                              headers=[("x-a", "first"), ("x-a", "second"), ("x-b", "b")]))
+    assert row[4] == "POST|/p/q|a=1&b|café|first|/p/q".encode()
+    row = await db.run(1, get("/"))
+    assert row[4] == b"GET|/|<null>|||/"         # format() renders NULL as ''
+
+
+
+@pytest_twisted.ensureDeferred
+async def test_zero_rows_is_none(make_db):
+    db = await started(make_db, {1: (respond("'x'", "WHERE false"), "postgres")})
+    assert await db.run(1, get()) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_binary_body_round_trips(make_db):
+    db = await started(make_db, {1: ("SELECT omni_httpd.http_response(request.body) FROM request",
+                                     "postgres")})
+    body = bytes(range(256)) * 4
+    row = await db.run(1, get(method="PUT", body=body))
+    assert row[4] == body and isinstance(row[4], bytes)
+
+
+@pytest_twisted.ensureDeferred
+async def test_handler_error_is_reported_and_the_worker_keeps_serving(make_db):
+    db = await started(make_db, {1: (respond("(1 / (length(request.path) - 1))::text"), "postgres")})
+    with pytest.raises(HandlerError) as info:
+        await db.run(1, get("/"))
+    assert "division by zero" in str(info.value)
+    assert info.value.sqlstate == "22012"
+    assert (await db.run(1, get("/a")))[4] == b"1"
+
+
+@pytest_twisted.ensureDeferred
+async def test_committed_on_success_rolled_back_on_error(make_db, schema_dsn):
+    admin_execute(schema_dsn, "CREATE TABLE hits (path text)")
+    query = ("INSERT INTO hits SELECT request.path FROM request "
+             "RETURNING omni_httpd.http_response((10 / (length(path) - 1))::text)")
+    db = await started(make_db, {1: (query, "postgres")})
+    assert (await db.run(1, get("/a")))[4] == b"10"
+    with pytest.raises(HandlerError):
+        await db.run(1, get("/"))                 # inserts, then divides by zero
+    assert (await db.run(1, get("/abc")))[4] == b"3"
+    rows = admin_execute(schema_dsn, "SELECT path FROM hits ORDER BY path")
+    assert rows == [("/a",), ("/abc",)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_runs_as_role_name_and_cannot_leave_it(make_db, role):
+    db = await started(make_db, {
+        1: (respond("current_user::text"), role),
+        2: (respond("set_config('role', 'postgres', false)"), role),
+        3: (respond("current_user::text"), "postgres"),
+    })
+    assert (await db.run(1, get()))[4] == role.encode()
+    with pytest.raises(HandlerError):
+        await db.run(2, get())
+    assert (await db.run(1, get()))[4] == role.encode()
+    assert (await db.run(3, get()))[4] == b"postgres"
+
+
+@pytest_twisted.ensureDeferred
+async def test_handler_timeout(make_db):
+    db = await started(make_db, {1: (respond("'late'", ", pg_sleep(2)"), "postgres"),
+                                 2: (respond("'quick'"), "postgres")},
+                       handler_timeout=0.2)
+    began = time.monotonic()
+    with pytest.raises(HandlerError) as info:
+        await db.run(1, get())
+    assert time.monotonic() - began < 1.5
+    assert "statement timeout" in str(info.value)
+    assert (await db.run(2, get()))[4] == b"quick"
+
+
+# -- configuration ---------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_apply_configuration_between_requests_keeps_order(make_db):
+    db = await started(make_db, {1: (respond("'v1'"), "postgres")})
+    gate = threading.Event()
+    blocked = db.submit(gate.wait, 10)
+    before = [db.run(1, get()) for _ in range(5)]
+    applied = db.apply_configuration(2, {1: (respond("'v2'"), "postgres")})
+    after = [db.run(1, get()) for _ in range(5)]
+    gate.set()
+    await blocked
+    assert [row[4] for row in await gatherResults(before)] == [b"v1"] * 5
+    assert await applied == {}
+    assert [row[4] for row in await gatherResults(after)] == [b"v2"] * 5
+
+
+@pytest_twisted.ensureDeferred
+async def test_broken_handler_is_reported_and_others_work(make_db):
+    db = await started(make_db, {1: (respond("'old'"), "postgres")})
+    errors = await db.apply_configuration(2, {
+        1: ("SELECT * FROM no_such_table", "postgres"),
+        2: (respond("'fine'"), "postgres"),
+        3: (respond("'no such role'"), "no_such_role_at_all"),
+    })
+    assert sorted(errors) == [1, 3]
+    assert "no_such_table" in errors[1]
+    with pytest.raises(HandlerError) as info:
+        await db.run(1, get())                # not the previous version either
+    assert "no_such_table" in str(info.value)
+    assert (await db.run(2, get()))[4] == b"fine"
+    # Fixed in the next generation.
+    assert await db.apply_configuration(3, {1: (respond("'new'"), "postgres")}) == {}
+    assert (await db.run(1, get()))[4] == b"new"
+
+
+@pytest_twisted.ensureDeferred
+async def test_removed_and_unknown_handlers(make_db):
+    db = await started(make_db, {1: (respond("'one'"), "postgres"), 2: (respond("'two'"), "postgres")})
+    assert await db.apply_configuration(2, {2: (respond("'two'"), "postgres")}) == {}
+    with pytest.raises(HandlerError):
+        await db.run(1, get())
+    with pytest.raises(HandlerError):
+        await db.run(99, get())
+    assert (await db.run(2, get()))[4] == b"two"
+
+
+@pytest_twisted.ensureDeferred
+async def test_same_generation_applied_twice(make_db):
+    db = await started(make_db, {1: (respond("'a'"), "postgres")}, generation=5)
+    assert await db.apply_configuration(5, {1: (respond("'b'"), "postgres")}) == {}
+    assert (await db.run(1, get()))[4] == b"b"
+
+
+@pytest_twisted.ensureDeferred
+async def test_old_generations_are_dropped(make_db):
+    db = await started(make_db, {1: (respond("'a'"), "postgres")}, generation=1)
+    for generation in (2, 3):
+        await db.apply_configuration(generation, {1: (respond("'a'"), "postgres")})
+
+    def functions():
+        with db.connection.cursor() as cur:
+            cur.execute("SELECT proname FROM pg_proc WHERE pronamespace = pg_my_temp_schema() "
+                        "AND proname LIKE 'omni_httpd_h%' ORDER BY 1")
+            functions = [r[0] for r in cur.fetchall()]
+            cur.execute("SELECT name FROM pg_prepared_statements ORDER BY 1")
+            return functions, [r[0] for r in cur.fetchall()]
+
+    assert await db.submit(functions) == (["omni_httpd_h1_g3"], ["omni_httpd_h1"])
+
+
+# -- outages ---------------------------------------------------------------------------
+
+
+def backend_pid(db):
+    return db.submit(lambda: db.connection.get_backend_pid())
+
+
+@pytest_twisted.ensureDeferred
+async def test_terminated_backend_gives_503_then_recovers(make_db, schema_dsn):
+    db = await started(make_db, {1: (respond("pg_backend_pid()::text"), "postgres")})
+    pid = await backend_pid(db)
+    admin_execute(schema_dsn, "SELECT pg_terminate_backend(%s)", (pid,))
+
+    began = time.monotonic()
+    with pytest.raises(DatabaseUnavailable):
+        await db.run(1, get())
+    assert time.monotonic() - began < 2
+
+    async def served():
+        try:
+            return await db.run(1, get())
+        except DatabaseUnavailable:
+            return None
+
+    row = await wait_for(served)
+    assert int(row[4]) != pid                    # a new session, configuration re-applied
+
+
+@pytest_twisted.ensureDeferred
+async def test_fails_fast_while_the_database_is_away(make_db, schema_dsn):
+    dbname = psycopg2.extensions.parse_dsn(schema_dsn)["dbname"]
+    db = await started(make_db, {1: (respond("'up'"), "postgres")})
+    pid = await backend_pid(db)
+    admin_dsn = schema_dsn.replace("dbname=%s" % dbname, "dbname=postgres")
+    admin_execute(admin_dsn, 'ALTER DATABASE "%s" ALLOW_CONNECTIONS false' % dbname)
+    try:
+        admin_execute(admin_dsn, "SELECT pg_terminate_backend(%s)", (pid,))
+        for _ in range(3):
+            began = time.monotonic()
+            with pytest.raises(DatabaseUnavailable):
+                await db.run(1, get())
+            assert time.monotonic() - began < 1
+        # A configuration applied meanwhile is installed on reconnect.
+        with pytest.raises(DatabaseUnavailable):
+            await db.apply_configuration(2, {1: (respond("'up again'"), "postgres")})
+    finally:
+        admin_execute(admin_dsn, 'ALTER DATABASE "%s" ALLOW_CONNECTIONS true' % dbname)
+
+    async def served():
+        try:
+            return await db.run(1, get())
+        except DatabaseUnavailable:
+            return None
+
+    row = await wait_for(served)
+    assert row[4] == b"up again"
+
+
+@pytest_twisted.ensureDeferred
+async def test_start_fails_when_the_database_is_unreachable(tmp_path):
+    db = DBThread("host=%s port=5432 dbname=nothing user=nobody" % tmp_path, reactor=reactor)
+    with pytest.raises(DatabaseUnavailable):
+        await db.start()
+    with pytest.raises(DatabaseUnavailable):
+        await db.run(1, get())
+    await db.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_finishes_queued_requests(make_db):
+    db = await started(make_db, {1: (respond("request.path"), "postgres")})
+    queued = [db.run(1, get("/%d" % i)) for i in range(20)]
+    await db.stop()
+    assert [row[4] for row in await gatherResults(queued)] == [("/%d" % i).encode() for i in range(20)]
+    with pytest.raises(DatabaseUnavailable):
+        await db.run(1, get())
+
+
+# -- LocalExecutor ---------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_executor_outcomes(make_db, schema_dsn):
+    db = await started(make_db, {
+        1: (respond("'ok'"), "postgres"),
+        2: (respond("(1/0)::text"), "postgres"),
+        3: ("SELECT omni_httpd.abort()", "postgres"),
+        4: (respond("'x'", "WHERE false"), "postgres"),
+        5: ("SELECT omni_httpd.http_response('hello', headers => "
+            "array[omni_http.http_header('Content-Length', '2')])", "postgres"),
+    })
+    listeners = {11: 1, 12: 2, 13: 3, 14: 4, 15: 5}
+    executor = LocalExecutor(db, listeners.get, reactor=reactor, settings=Settings())
+
+    ok = await executor.execute(get(listener_id=11))
+    assert (ok.status, ok.body) == (200, b"ok")
+    failed = await executor.execute(get(listener_id=12))
+    assert (failed.status, failed.body) == (500, b"Internal server error")
+    assert (await executor.execute(get(listener_id=13))).abort is True
+    empty = await executor.execute(get(listener_id=14))
+    assert (empty.status, empty.body) == (204, b"")
+    truncated = await executor.execute(get(listener_id=15))
+    assert truncated.body == b"he"
+    assert all(n.lower() != "content-length" for n, _ in truncated.headers)
+    missing = await executor.execute(get(listener_id=99))
+    assert (missing.status, missing.body) == (404, b"")
+
+    await db.stop()
+    unavailable = await executor.execute(get(listener_id=11))
+    assert (unavailable.status, unavailable.body) == (503, b"Service unavailable")
+
+
+@pytest_twisted.ensureDeferred
+async def test_executor_proxies(make_db):
+    class Upstream(Resource):
+        isLeaf = True
+
+        def render(self, request):
+            return b"upstream saw " + request.method + b" " + request.uri + b" " + request.content.read()
+
+    port = reactor.listenTCP(0, Site(Upstream()), interface="127.0.0.1")
+    try:
+        url = "http://127.0.0.1:%d" % port.getHost().port
+        db = await started(make_db, {
+            1: ("SELECT omni_httpd.http_proxy('%s' || request.path) FROM request" % url, "postgres"),
+        })
+        executor = LocalExecutor(db, {1: 1}.get, reactor=reactor, settings=Settings())
+        result = await executor.execute(get("/up/here", method="POST", body=b"data",
+                                            headers=[("host", "h.example")]))
+        assert (result.status, result.body) == (200, b"upstream saw POST /up/here data")
+    finally:
+        await proxy.close(reactor)
+        await port.stopListening()
