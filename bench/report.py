@@ -144,10 +144,14 @@ def markdown(results: dict, png_name: Optional[str]) -> str:
     out.append("Commit `%s`, %s cores, %s s per measurement after %s s warm-up; all load on 127.0.0.1 "
                "from the same machine. HTTP/1.1: `wrk -t1 -c64` (keep-alive); h2c: `h2load -c16 -m8` "
                "(prior knowledge); DB ceiling: `pgbench -M prepared -c %d -j %d` running the handler "
-               "statement itself. Ratios are to omni_httpd's HTTP/1.1 figure for the same workload. "
-               "non-2xx counts responses with status >= 400 (wrk) or >= 300 (h2load)."
+               "statement itself. omni_httpd: 2 HTTP workers; gunicorn: 2 sync workers, one connection "
+               "each; uvicorn: 2 workers, asyncpg pool of %d each. Ratios are to omni_httpd's HTTP/1.1 "
+               "figure for the same workload. non-2xx counts responses with status >= 400 (wrk) or "
+               ">= 300 (h2load). Load average at start/end: %s / %s (other work on the machine skews "
+               "absolute figures; compare rows of one run)."
                % (results["commit"], results["cpus"], results["duration"], results["warmup"],
-                  results["pg_clients"], results["pg_clients"]))
+                  results["pg_clients"], results["pg_clients"], results.get("peer_pool", 2),
+                  results.get("load_start", "?"), results.get("load_end", "?")))
     out.append("")
     out.append("Workloads: " + "; ".join("%s %s" % (k, v) for k, v in results["workloads"].items()) + ".")
     out += ["", markdown_table(results), ""]
@@ -155,7 +159,7 @@ def markdown(results: dict, png_name: Optional[str]) -> str:
         out += ["![req/s and p99 per target](%s)" % png_name, ""]
     more = extras(results)
     if more:
-        out += ["## omni_httpd", ""] + ["- " + line for line in more] + [""]
+        out += ["## Memory, start-up, reload, shutdown", ""] + ["- " + line for line in more] + [""]
     if not results["smoke"]:
         out += ["## Goals (W1)", "", "```"] + goals(results) + ["```", ""]
     n = notes(results)

@@ -427,7 +427,8 @@ def main(argv=None) -> int:
     timestamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     results = {"timestamp": timestamp, "smoke": args.smoke, "duration": args.duration, "warmup": args.warmup,
                "commit": git_commit(), "cpus": os.cpu_count(), "pg_clients": args.pg_clients,
-               "workloads": {w.name: w.title for w in workloads}, "rows": [], "notes": []}
+               "workloads": {w.name: w.title for w in workloads}, "rows": [], "notes": [],
+               "peer_pool": args.peer_pool, "load_start": "%.2f" % os.getloadavg()[0]}
     workdir = tempfile.mkdtemp(prefix="omni_httpd_bench_")
     os.chmod(workdir, 0o755)  # the PostgreSQL account and nginx's workers must traverse it
     pg = None
@@ -467,6 +468,7 @@ def main(argv=None) -> int:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
 
+    results["load_end"] = "%.2f" % os.getloadavg()[0]
     # the row order of the table: targets as listed, workloads as given
     order = {t.id: i for i, t in enumerate(TARGETS)}
     wl = {w.name: i for i, w in enumerate(workloads)}
