@@ -191,6 +191,10 @@ def run_http_server(server, targets: List[Target], workloads: List[Workload], ct
                 if server.proc.alive():
                     # the first check may wait for the server to come up; later ones barely
                     error = check_until(t.protocol, port, w, args.ready_timeout if first else 2.0)
+                    if first and error is None and isinstance(server, DaemonServer):
+                        results.setdefault("daemon", {}).update(
+                            schema_s=server.schema_seconds,
+                            first_start_s=time.monotonic() - server.started_at)
                     first = False
                 else:
                     error = "not running"
@@ -360,7 +364,7 @@ def write_outputs(results: dict, results_dir: str, venv: str, latest: bool) -> s
 # -- main -------------------------------------------------------------------------------------
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=int, default=10, help="seconds per measurement (default 10)")
+    parser.add_argument("--duration", type=int, default=None, help="seconds per measurement (default 10, smoke 1)")
     parser.add_argument("--warmup", type=int, default=None,
                         help="seconds of unrecorded load before each measurement (default 2, smoke 0)")
     parser.add_argument("--workloads", default="W1,W2,W3", help="comma-separated, from W1,W2,W3")
@@ -379,8 +383,10 @@ def parse_args(argv=None):
     parser.add_argument("--venv", default=os.path.join(HERE, ".venv"), help="where the peers are installed")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
     args = parser.parse_args(argv)
-    if args.smoke:
-        args.duration = 1 if args.duration == 10 else args.duration
+    if args.duration is None:
+        args.duration = 1 if args.smoke else 10
+    if args.duration < 1:
+        parser.error("--duration must be at least 1 (second)")
     if args.warmup is None:
         args.warmup = 0 if args.smoke else 2
     if args.reload_samples is None:

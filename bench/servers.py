@@ -252,6 +252,7 @@ class DaemonServer(Server):
         self.ports: Dict[str, int] = {}
         self.reload_handler_id: Optional[int] = None
         self.started_at = 0.0
+        self.schema_seconds: Optional[float] = None
         self.proc = self._make_proc()
 
     def _make_proc(self) -> Proc:
@@ -297,6 +298,7 @@ class DaemonServer(Server):
                                 "AND to_regclass('omni_httpd.configuration_reloads') IS NOT NULL")
                     return cur.fetchone()[0]
             self._wait("the daemon to install its schema", schema_ready, 60)
+            self.schema_seconds = time.monotonic() - self.started_at
             conn.autocommit = False
             with conn.cursor() as cur:
                 for workload in self.workloads:
