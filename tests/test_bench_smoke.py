@@ -61,3 +61,41 @@ def test_bench_smoke(tmp_path):
     assert "| omni_httpd HTTP/1.1 | W1 |" in markdown
     # smoke runs never replace the committed latest report
     assert not os.path.exists(tmp_path / "latest.md")
+
+
+def test_bench_names_missing_tools(tmp_path):
+    """Without the load generators on PATH the suite stops at once and prints the exact
+    apt-get command (here: wrk and h2load for the smoke targets, nginx for nginx)."""
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable))
+    for args, packages in ((["--smoke"], "nghttp2-client wrk"),
+                           (["--targets", "nginx-h1", "--workloads", "W1"], "nginx wrk")):
+        proc = subprocess.run([sys.executable, RUN, "--results-dir", str(tmp_path)] + args, env=env,
+                              capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert "apt-get install -y %s" % packages in proc.stderr, proc.stderr
+    assert os.listdir(str(tmp_path)) == []  # nothing was started or written
+
+
+def test_bench_response_checks():
+    """What makes a target's answer acceptable before it is measured."""
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    try:
+        import workloads
+    finally:
+        sys.path.remove(os.path.join(REPO, "bench"))
+    w1, w2, w3 = (workloads.WORKLOADS[name] for name in ("W1", "W2", "W3"))
+    assert w1.check(200, "text/html", b"Hello, <b>John</b>!") is None
+    assert w1.check(200, "text/html; charset=utf-8", b"Hello, <b>John</b>!") is None
+    assert "status 404" in w1.check(404, "text/html", b"")
+    assert "content type" in w1.check(200, "text/plain", b"Hello, <b>John</b>!")
+    assert "body" in w1.check(200, "text/html", b"Hello, <b>Jane</b>!")
+    assert len(w2.body) == 4096
+    # jsonb re-formats the document: equal as JSON is what counts
+    reformatted = json.dumps(json.loads(w2.body), indent=1).encode()
+    assert w2.check(200, "application/json", reformatted) is None
+    assert w2.check(200, "application/json", b'{"order": 1}') is not None
+    assert w3.check(200, "text/plain; charset=utf-8", b"x" * 262144) is None
+    assert "bytes" in w3.check(200, "text/plain; charset=utf-8", b"x" * 1000)
+    # the database ceiling runs the very handler, with `request` given as a CTE
+    assert workloads.pgbench_sql(w1).startswith("WITH request AS (")
+    assert workloads.pgbench_sql(w1).endswith(w1.handler)
