@@ -346,7 +346,7 @@ class AdminConsole:
             },
         }
         request.setHeader(b"content-type", b"application/json")
-        return json.dumps(body).encode()
+        return json.dumps(body, default=str).encode()
 
     @app.route("/reload", methods=["POST"])
     @_login_required

@@ -7,6 +7,7 @@ come back as `DatabaseProblem` so the page can show them next to the form.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional
 
@@ -16,6 +17,8 @@ from twisted.python.threadpool import ThreadPool
 
 #: Bound on anything the console runs, the tried handlers included.
 STATEMENT_TIMEOUT_MS = 15000
+#: A connection unused for this long (seconds) is checked before it is used.
+IDLE_CHECK = 30.0
 
 
 @dataclass
@@ -57,6 +60,7 @@ class ConsoleDatabase:
         self._lock = threading.Lock()
         self._started = False
         self._shutdown_trigger = None
+        self.idle_check = IDLE_CHECK
 
     def _start(self) -> None:
         if not self._started:
@@ -96,13 +100,26 @@ class ConsoleDatabase:
 
     def _connection(self):
         conn = getattr(self._local, "conn", None)
+        if conn is not None and not conn.closed and time.monotonic() - self._local.used > self.idle_check:
+            # An idle connection may have been cut (server restart, idle timeouts): find
+            # out now rather than show the operator an error for it.
+            try:
+                with conn.cursor() as cur:
+                    cur.execute("SELECT 1")
+                conn.rollback()
+            except psycopg2.Error:
+                conn.close()
         if conn is None or conn.closed:
             conn = psycopg2.connect(self._dsn, connect_timeout=10,
-                                    application_name="omni_httpd admin console",
-                                    options="-c statement_timeout=%d" % STATEMENT_TIMEOUT_MS)
+                                    application_name="omni_httpd admin console")
+            with conn.cursor() as cur:
+                # Set here, not as connect options, to keep any options the DSN has.
+                cur.execute("SET statement_timeout = %s", (STATEMENT_TIMEOUT_MS,))
+            conn.commit()
             self._local.conn = conn
             with self._lock:
-                self._connections.append(conn)
+                self._connections = [c for c in self._connections if not c.closed] + [conn]
+        self._local.used = time.monotonic()
         return conn
 
     def _transaction(self, operation, args, rollback):

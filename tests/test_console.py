@@ -295,6 +295,20 @@ async def test_dashboard_when_the_database_is_unreachable(pg_cluster):
         await served.close()
 
 
+@pytest_twisted.ensureDeferred
+async def test_console_reconnects_after_its_connections_are_cut(served):
+    client = await logged_in(served)
+    assert (await client.get("/handlers")).status == 200
+    served.console._db.idle_check = 0      # check every connection before use
+    cut = sql(served.dsn, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                          " WHERE application_name = 'omni_httpd admin console'"
+                          " AND datname = current_database()")
+    assert cut and all(ok for (ok,) in cut)
+    for _ in range(3):
+        page = await client.get("/handlers")
+        assert page.status == 200, page.text
+
+
 # --- listeners -------------------------------------------------------------------------
 
 @pytest_twisted.ensureDeferred
