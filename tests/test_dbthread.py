@@ -4,8 +4,6 @@ No mocks: handlers are installed with omni_httpd._install_handler and run throug
 prepared statements; outages are real (backends terminated, connections refused).
 """
 import inspect
-import itertools
-import os
 import threading
 import time
 
@@ -18,14 +16,11 @@ from twisted.internet.task import deferLater
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from omni_httpd import migrations, proxy
+from omni_httpd import proxy
 from omni_httpd.dbthread import DatabaseUnavailable, DBThread, HandlerError
 from omni_httpd.outcome import LocalExecutor
 from omni_httpd.request import Request
 from omni_httpd.settings import Settings
-
-_roles = itertools.count()
-
 
 def respond(expression, where=""):
     """A handler answering ``expression`` (SQL) as the response body."""
@@ -79,34 +74,19 @@ class CountingReactor:
 
 
 @pytest.fixture
-def schema_dsn(empty_dsn):
-    migrations.apply(empty_dsn)
-    return empty_dsn
-
-
-@pytest.fixture
-def make_db(schema_dsn):
+def make_db(dsn):
     made = []
 
     def make(**kwargs):
         kwargs.setdefault("reactor", reactor)
         kwargs.setdefault("reconnect_delays", (0.05, 0.2))
-        db = DBThread(schema_dsn, **kwargs)
+        db = DBThread(dsn, **kwargs)
         made.append(db)
         return db
 
     yield make
     for db in made:
         pytest_twisted.blockon(db.stop())
-
-
-@pytest.fixture
-def role(schema_dsn):
-    name = "t_role_%d_%d" % (os.getpid(), next(_roles))
-    admin_execute(schema_dsn, 'CREATE ROLE "%s"' % name)
-    yield name
-    admin_execute(schema_dsn, 'DROP OWNED BY "%s"' % name)
-    admin_execute(schema_dsn, 'DROP ROLE "%s"' % name)
 
 
 async def started(make_db, handlers=None, generation=1, **kwargs):
@@ -239,8 +219,8 @@ async def test_handler_error_is_reported_and_the_worker_keeps_serving(make_db):
 
 
 @pytest_twisted.ensureDeferred
-async def test_committed_on_success_rolled_back_on_error(make_db, schema_dsn):
-    admin_execute(schema_dsn, "CREATE TABLE hits (path text)")
+async def test_committed_on_success_rolled_back_on_error(make_db, dsn):
+    admin_execute(dsn, "CREATE TABLE hits (path text)")
     query = ("INSERT INTO hits SELECT request.path FROM request "
              "RETURNING omni_httpd.http_response((10 / (length(path) - 1))::text)")
     db = await started(make_db, {1: (query, "postgres")})
@@ -248,12 +228,13 @@ async def test_committed_on_success_rolled_back_on_error(make_db, schema_dsn):
     with pytest.raises(HandlerError):
         await db.run(1, get("/"))                 # inserts, then divides by zero
     assert (await db.run(1, get("/abc")))[4] == b"3"
-    rows = admin_execute(schema_dsn, "SELECT path FROM hits ORDER BY path")
+    rows = admin_execute(dsn, "SELECT path FROM hits ORDER BY path")
     assert rows == [("/a",), ("/abc",)]
 
 
 @pytest_twisted.ensureDeferred
-async def test_runs_as_role_name_and_cannot_leave_it(make_db, role):
+async def test_runs_as_role_name_and_cannot_leave_it(make_db, make_role):
+    role = make_role()
     db = await started(make_db, {
         1: (respond("current_user::text"), role),
         2: (respond("set_config('role', 'postgres', false)"), role),
@@ -264,6 +245,7 @@ async def test_runs_as_role_name_and_cannot_leave_it(make_db, role):
         await db.run(2, get())
     assert (await db.run(1, get()))[4] == role.encode()
     assert (await db.run(3, get()))[4] == b"postgres"
+    await db.stop()                  # its functions belong to the role dropped after us
 
 
 @pytest_twisted.ensureDeferred
@@ -359,10 +341,10 @@ def backend_pid(db):
 
 
 @pytest_twisted.ensureDeferred
-async def test_terminated_backend_gives_503_then_recovers(make_db, schema_dsn):
+async def test_terminated_backend_gives_503_then_recovers(make_db, dsn):
     db = await started(make_db, {1: (respond("pg_backend_pid()::text"), "postgres")})
     pid = await backend_pid(db)
-    admin_execute(schema_dsn, "SELECT pg_terminate_backend(%s)", (pid,))
+    admin_execute(dsn, "SELECT pg_terminate_backend(%s)", (pid,))
 
     began = time.monotonic()
     with pytest.raises(DatabaseUnavailable):
@@ -380,11 +362,11 @@ async def test_terminated_backend_gives_503_then_recovers(make_db, schema_dsn):
 
 
 @pytest_twisted.ensureDeferred
-async def test_fails_fast_while_the_database_is_away(make_db, schema_dsn):
-    dbname = psycopg2.extensions.parse_dsn(schema_dsn)["dbname"]
+async def test_fails_fast_while_the_database_is_away(make_db, dsn):
+    dbname = psycopg2.extensions.parse_dsn(dsn)["dbname"]
     db = await started(make_db, {1: (respond("'up'"), "postgres")})
     pid = await backend_pid(db)
-    admin_dsn = schema_dsn.replace("dbname=%s" % dbname, "dbname=postgres")
+    admin_dsn = dsn.replace("dbname=%s" % dbname, "dbname=postgres")
     admin_execute(admin_dsn, 'ALTER DATABASE "%s" ALLOW_CONNECTIONS false' % dbname)
     try:
         admin_execute(admin_dsn, "SELECT pg_terminate_backend(%s)", (pid,))
@@ -433,7 +415,7 @@ async def test_stop_finishes_queued_requests(make_db):
 
 
 @pytest_twisted.ensureDeferred
-async def test_executor_outcomes(make_db, schema_dsn):
+async def test_executor_outcomes(make_db, dsn):
     db = await started(make_db, {
         1: (respond("'ok'"), "postgres"),
         2: (respond("(1/0)::text"), "postgres"),
