@@ -175,9 +175,10 @@ def run_http_server(server, targets: List[Target], workloads: List[Workload], ct
                     args, results: dict) -> None:
     """Start one server, check and measure each of its targets on each workload, stop it."""
     log("starting %s" % server.name)
+    import psycopg2
     try:
         server.start()
-    except (ServerError, OSError) as exc:
+    except (ServerError, OSError, psycopg2.Error) as exc:
         for t in targets:
             for w in workloads:
                 results["rows"].append(row(t, w, "NOT MEASURED (did not start)", str(exc)))
@@ -215,24 +216,10 @@ def run_http_server(server, targets: List[Target], workloads: List[Workload], ct
                     % (t.label, w.name, m.rps, m.p50_ms, m.p99_ms, m.errors, m.non2xx))
                 results["rows"].append(row(t, w, m=m))
         rss = server.rss()
-        if isinstance(server, DaemonServer):
-            daemon = results.setdefault("daemon", {})
-            daemon["rss"] = rss
-            if server.proc.alive() and server.ports.get("reload"):
-                log("omni_httpd: reload latency (%d samples)" % args.reload_samples)
-                daemon["reload"] = server.reload_latency(args.reload_samples)
-            w1 = WORKLOADS["W1"] if "W1" in server.ports else workloads[0]
-            if server.proc.alive():
-                log("omni_httpd: restart -> first served request")
-                try:
-                    seconds = server.restart_time(w1, lambda p: check_http("h1", p, w1, timeout=2))
-                    daemon["restart_s"] = seconds
-                    if seconds is None:
-                        daemon["restart_error"] = "no correct response within 60 s"
-                except ServerError as exc:
-                    daemon["restart_error"] = str(exc)
-        elif rss:
-            results.setdefault("peer_rss", {})[server.name] = rss
+        try:
+            measure_extras(server, rss, workloads, args, results)
+        except Exception as exc:  # noqa: BLE001 - keep the figures measured so far
+            results["notes"].append("%s: extra measurements failed: %s: %s" % (server.name, type(exc).__name__, exc))
     finally:
         log("stopping %s" % server.name)
         server.stop()
@@ -240,6 +227,29 @@ def run_http_server(server, targets: List[Target], workloads: List[Workload], ct
             daemon = results.setdefault("daemon", {})
             daemon["exit_code"] = getattr(server, "exit_code", None)
             daemon["stop_s"] = getattr(server, "stop_seconds", None)
+
+
+def measure_extras(server, rss, workloads: List[Workload], args, results: dict) -> None:
+    """RSS after the load; for the daemon also reload latency and restart time."""
+    if not isinstance(server, DaemonServer):
+        if rss:
+            results.setdefault("peer_rss", {})[server.name] = rss
+        return
+    daemon = results.setdefault("daemon", {})
+    daemon["rss"] = rss
+    if server.proc.alive() and server.ports.get("reload"):
+        log("omni_httpd: reload latency (%d samples)" % args.reload_samples)
+        daemon["reload"] = server.reload_latency(args.reload_samples)
+    w1 = WORKLOADS["W1"] if "W1" in server.ports else workloads[0]
+    if server.proc.alive():
+        log("omni_httpd: restart -> first served request")
+        try:
+            seconds = server.restart_time(w1, lambda p: check_http("h1", p, w1, timeout=2))
+            daemon["restart_s"] = seconds
+            if seconds is None:
+                daemon["restart_error"] = "no correct response within 60 s"
+        except ServerError as exc:
+            daemon["restart_error"] = str(exc)
 
 
 def run_pgbench(target: Target, workloads: List[Workload], ctx: Context, pgbench_bin: str,
@@ -427,8 +437,13 @@ def main(argv=None) -> int:
     except ImportError as exc:
         print("run this with the project's environment (pip install -e '.[bench]'): %s" % exc, file=sys.stderr)
         return 2
+    peers_unavailable = None
     if any(t.server in ("gunicorn", "uvicorn") for t in targets):
-        ensure_venv(args.venv)
+        try:
+            ensure_venv(args.venv)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            peers_unavailable = "could not install the peers into %s: %s" % (args.venv, exc)
+            log(peers_unavailable)
 
     timestamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     results = {"timestamp": timestamp, "smoke": args.smoke, "duration": args.duration, "warmup": args.warmup,
@@ -452,6 +467,11 @@ def main(argv=None) -> int:
         for server_kind in SERVER_ORDER:
             group = [t for t in targets if t.server == server_kind]
             if not group:
+                continue
+            if server_kind in ("gunicorn", "uvicorn") and peers_unavailable:
+                for t in group:
+                    for w in workloads:
+                        results["rows"].append(row(t, w, "NOT MEASURED (not installed)", peers_unavailable))
                 continue
             if server_kind == "pgbench":
                 run_pgbench(group[0], workloads, ctx, find_pgbench(pg.bin_dir), args, results)
