@@ -235,6 +235,21 @@ class DBThread:
         d.addCallback(stop_pools)
         return _chain(self._stopped)
 
+    def cancel_running(self) -> Deferred:
+        """Ask PostgreSQL to cancel the statement running now, if any.
+
+        For the end of a shutdown grace period: the handler then fails (and its
+        transaction rolls back) instead of committing after the worker is gone.
+        Queued jobs are not affected. Fires when the cancel request has been sent.
+        """
+        conn = self._conn
+        if conn is None or self._state not in ("running", "stopping"):
+            return succeed(None)
+        d = deferToThreadPool(self._reactor, self._connect_pool, conn.cancel)
+        d.addErrback(lambda f: log.warn("cancelling the running statement failed: {error}",
+                                        error=f.getErrorMessage()))
+        return d
+
     # -- busy flag (reactor thread) -------------------------------------------------
 
     @property

@@ -261,6 +261,21 @@ async def test_handler_timeout(make_db):
     assert (await db.run(2, get()))[4] == b"quick"
 
 
+@pytest_twisted.ensureDeferred
+async def test_cancel_running(make_db, dsn):
+    db = await started(make_db, {1: (respond("'late'", ", pg_sleep(30)"), "postgres")})
+    pid = await backend_pid(db)
+    running = db.run(1, get())
+    await wait_for(lambda: admin_execute(
+        dsn, "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND state = 'active'", (pid,)))
+    began = time.monotonic()
+    await db.cancel_running()
+    with pytest.raises(HandlerError) as info:
+        await running
+    assert time.monotonic() - began < 5
+    assert "canceling statement" in str(info.value)
+
+
 # -- configuration ---------------------------------------------------------------------
 
 
