@@ -12,12 +12,13 @@ import urllib.request
 from playwright.sync_api import expect, sync_playwright
 
 from admin_support import launch_chromium
-from daemon_support import Daemon
+from daemon_support import Daemon, reload_count, wait_until
 
 PASSWORD = "secret"
 
 
 def test_operator_session_against_the_real_daemon(dsn):
+    """Also: the dashboard counts the served requests, and its reload button reloads."""
     daemon = Daemon(dsn, "--http-workers", "1", "--no-init", "--admin-password", PASSWORD,
                     "--admin", "tcp:0:interface=127.0.0.1")
     try:
@@ -26,7 +27,7 @@ def test_operator_session_against_the_real_daemon(dsn):
         with sync_playwright() as playwright:
             browser = launch_chromium(playwright)
             try:
-                operate(browser.new_context().new_page(), url, daemon)
+                operate(browser.new_context().new_page(), url, daemon, dsn)
             finally:
                 browser.close()
     finally:
@@ -34,7 +35,7 @@ def test_operator_session_against_the_real_daemon(dsn):
     assert code == 0, daemon.output[-3000:]
 
 
-def operate(page, url, daemon):
+def operate(page, url, daemon, dsn):
     page.set_default_timeout(30000)
     page.goto(url + "/")
     assert page.url == url + "/login"
@@ -94,3 +95,15 @@ def operate(page, url, daemon):
     page.click("#try-form button[type=submit]")
     expect(page.locator("#outcome-status")).to_contain_text("200 OK")
     expect(page.locator("#outcome-body")).to_have_text("served /tried")
+
+    # the dashboard counts the requests the worker served, and its button reloads
+    page.click("nav >> text=Dashboard")
+
+    def served_requests():
+        status = page.evaluate("fetch('/status.json').then(r => r.json())")
+        return sum(w["requests"] for w in status["workers"]) >= 3
+    wait_until(served_requests, what="3 requests counted on the dashboard")
+    before = reload_count(dsn)
+    page.click("text=Reload configuration")
+    expect(page.locator(".notice")).to_have_text("Reload requested.")
+    wait_until(lambda: reload_count(dsn) > before, what="a reload after the button")
