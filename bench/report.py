@@ -110,8 +110,10 @@ def extras(results: dict) -> List[str]:
                      "(schema installed after %.2f s, then listeners and handlers inserted by the benchmark)"
                      % (daemon["first_start_s"], daemon["schema_s"] or 0.0))
     if daemon.get("restart_s") is not None:
-        lines.append("omni_httpd restart -> first served request (schema and configuration present): %.2f s"
-                     % daemon["restart_s"])
+        ready = daemon.get("restart_ready_s")
+        lines.append("omni_httpd restart -> first served request (schema and configuration present): %.2f s; "
+                     "start-up complete (configuration_reloads row) after %s"
+                     % (daemon["restart_s"], "%.2f s" % ready if ready is not None else "- (not seen)"))
     elif daemon.get("restart_error"):
         lines.append("omni_httpd restart -> first served request: %s" % daemon["restart_error"])
     reload = daemon.get("reload")

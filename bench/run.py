@@ -246,6 +246,7 @@ def measure_extras(server, rss, workloads: List[Workload], args, results: dict) 
         try:
             seconds = server.restart_time(w1, lambda p: check_http("h1", p, w1, timeout=2))
             daemon["restart_s"] = seconds
+            daemon["restart_ready_s"] = getattr(server, "restart_ready_seconds", None)
             if seconds is None:
                 daemon["restart_error"] = "no correct response within 60 s"
         except ServerError as exc:

@@ -403,13 +403,33 @@ class DaemonServer(Server):
         while time.monotonic() < deadline and check(port) is not None:
             time.sleep(0.05)
         self.stop()
+        last_reload = self._last_reload_id()
         self.proc = self._make_proc()
         t0 = time.monotonic()
         self.proc.start()
+        served = None
         while time.monotonic() < t0 + timeout:
             if not self.proc.alive():
                 raise ServerError("daemon exited on restart: %s" % self.proc.tail())
             if check(port) is None:
-                return time.monotonic() - t0
+                served = time.monotonic() - t0
+                break
             time.sleep(0.01)
-        return None
+        # the start-up is complete once it has recorded its first configuration as applied
+        # (a configuration_reloads row); stopping earlier would measure an aborted start
+        self.restart_ready_seconds = None
+        while served is not None and time.monotonic() < t0 + timeout and self.proc.alive():
+            if self._last_reload_id() > last_reload:
+                self.restart_ready_seconds = time.monotonic() - t0
+                break
+            time.sleep(0.02)
+        return served
+
+    def _last_reload_id(self) -> int:
+        conn = self._connect()
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT coalesce(max(id), 0) FROM omni_httpd.configuration_reloads")
+                return cur.fetchone()[0]
+        finally:
+            conn.close()
