@@ -66,14 +66,14 @@ class Dispatcher:
         def failed(failure) -> Response:
             log.warn("request {method} {path} re-sent to worker {slot} failed: {error}",
                      method=request.method, path=request.path, slot=slot, error=failure.getErrorMessage())
-            self._clients.pop(slot, None)
+            if self._clients.get(slot) is client:
+                del self._clients[slot]
+                client.close()
             return error_response(502, "Bad gateway")
 
         return d.addErrback(failed)
 
     def close(self) -> None:
         for client in self._clients.values():
-            close = getattr(client, "close", None)
-            if close is not None:
-                close()
+            client.close()
         self._clients.clear()

@@ -11,7 +11,6 @@ import json
 import os
 import socket
 import sys
-import time
 from typing import Dict, List
 
 from twisted.internet import defer
@@ -184,19 +183,25 @@ class Worker:
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (bounded), close the database."""
         self.stopping = True
-        for _bind_id, port, factory in self.ports.values():
+        factories = [factory for _bind_id, _port, factory in self.ports.values()]
+        for _bind_id, port, _factory in self.ports.values():
             await port.stopListening()
-            factory.graceful_close()
-        deadline = time.monotonic() + max(self.settings.shutdown_grace, 0)
-        while any(factory.connections for _b, _p, factory in self.ports.values()) and time.monotonic() < deadline:
-            d = defer.Deferred()
-            self.reactor.callLater(0.05, d.callback, None)
-            await d
-        for _bind_id, _port, factory in self.ports.values():
-            for connection in list(factory.connections):
-                transport = getattr(connection, "transport", None)
-                if transport is not None:
-                    transport.abortConnection()
+        drained = defer.DeferredList([factory.graceful_close() for factory in factories], consumeErrors=True)
+        grace = max(self.settings.shutdown_grace, 0)
+        timer = self.reactor.callLater(grace, drained.cancel)
+        try:
+            await drained
+        except defer.CancelledError:
+            pass
+        if timer.active():
+            timer.cancel()
+        else:
+            log.warn("shutdown grace period ({grace}s) over: dropping remaining connections", grace=grace)
+            for factory in factories:
+                factory.abort_all()
+            if self.dbthread is not None:
+                # A handler still running must not commit after we have given up on it.
+                self.dbthread.cancel_running()
         if self.sibling_port is not None:
             await self.sibling_port.stopListening()
         if self.dispatcher is not None:

@@ -110,3 +110,26 @@ def test_handler_change_keeps_worker_processes_and_listener_change_keeps_others(
         assert "restarting" not in daemon.output
     finally:
         assert daemon.stop() == 0
+
+
+def test_shutdown_grace_is_bounded_and_an_abandoned_handler_does_not_commit(empty_dsn):
+    daemon = Daemon(empty_dsn, "--http-workers", "1", "--no-init", "--admin", "none", "--shutdown-grace", "1")
+    daemon.wait_ready()
+    wait_reloads(empty_dsn, 1)
+    sql(empty_dsn, "CREATE TABLE abandoned(x int)")
+    listener = add_listener(empty_dsn, "WITH w AS (INSERT INTO abandoned VALUES (1) RETURNING x) "
+                                       "SELECT omni_httpd.http_response('never') FROM w, pg_sleep(60)")
+    wait_reloads(empty_dsn, 1)
+    port = effective_port(empty_dsn, listener)
+    client = socket.create_connection(("127.0.0.1", port), timeout=60)
+    client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    wait_until(lambda: sql(empty_dsn, "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'EXECUTE omni_httpd_h%%' "
+                                      "AND state = 'active'", fetch=True)[0][0] == 1, what="request running")
+    assert daemon.stop(signal.SIGTERM, timeout=20) == 0
+    try:
+        assert client.recv(65536) == b""  # dropped without a response...
+    except ConnectionResetError:
+        pass  # ...or reset
+    client.close()
+    assert sql(empty_dsn, "SELECT count(*) FROM abandoned", fetch=True)[0][0] == 0
+    assert "shutdown grace period (1.0s) over" in daemon.output
