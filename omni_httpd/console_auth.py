@@ -126,21 +126,24 @@ class Sessions:
 
 
 class _Attempts:
-    __slots__ = ("failures", "last_failure", "lock")
+    __slots__ = ("failures", "last_failure", "next_allowed", "lock")
 
     def __init__(self) -> None:
         self.failures = 0
         self.last_failure = 0.0
+        self.next_allowed = 0.0
         self.lock = defer.DeferredLock()
 
 
 class LoginThrottle:
     """Per-client-address slow-down of failed logins.
 
-    Attempts from one address are handled one at a time; each failure is answered only
-    after ``base * 2**(failures-1)`` seconds (at most ``cap``), so guessing gets
-    exponentially slower while other clients and the rest of the console are unaffected.
-    Failures are forgotten after ``forget_after`` quiet seconds or a successful login.
+    Attempts from one address are handled one at a time. After a failure the address must
+    wait ``base * 2**(failures-1)`` seconds (at most ``cap``) before its next attempt is
+    even checked, and the failure itself is answered only then, so guessing gets
+    exponentially slower (hanging up early gains nothing) while other clients and the
+    rest of the console are unaffected. Failures are forgotten after ``forget_after``
+    quiet seconds or a successful login.
     """
 
     def __init__(self, reactor, base: float = 0.5, cap: float = 30.0, forget_after: float = 900.0):
@@ -157,23 +160,36 @@ class LoginThrottle:
         entry = self._by_address.get(address)
         return entry.failures if entry else 0
 
+    def next_allowed(self, address: str) -> float:
+        """Reactor time before which no attempt from ``address`` is checked."""
+        entry = self._by_address.get(address)
+        return entry.next_allowed if entry else 0.0
+
     async def attempt(self, address: str, check: Callable[[], "defer.Deferred[bool]"]) -> bool:
         """Run ``check`` (a password check) for ``address``; True if it succeeded."""
         self._prune()
         entry = self._by_address.setdefault(address, _Attempts())
         await entry.lock.acquire()
         try:
+            await self._wait_until(entry.next_allowed)
             if entry.failures and self._reactor.seconds() - entry.last_failure > self.forget_after:
                 entry.failures = 0
             if await check():
                 entry.failures = 0
+                entry.next_allowed = 0.0
                 return True
             entry.failures += 1
             entry.last_failure = self._reactor.seconds()
-            await task.deferLater(self._reactor, self.delay_after(entry.failures))
+            entry.next_allowed = entry.last_failure + self.delay_after(entry.failures)
+            await self._wait_until(entry.next_allowed)
             return False
         finally:
             entry.lock.release()
+
+    async def _wait_until(self, moment: float) -> None:
+        delay = moment - self._reactor.seconds()
+        if delay > 0:
+            await task.deferLater(self._reactor, delay)
 
     def _prune(self) -> None:
         now = self._reactor.seconds()

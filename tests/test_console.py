@@ -15,7 +15,7 @@ import psycopg2
 import pytest
 import pytest_twisted
 from argon2 import PasswordHasher
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 
 from admin_support import ConsoleClient, FixedState, ServedConsole, wait_for
 from omni_httpd.console import AdminConsole
@@ -188,9 +188,19 @@ async def test_failed_logins_are_slowed_down_without_blocking(served):
     assert time.monotonic() - started >= 0.6     # doubled
     assert served.console._throttle.failures("127.0.0.1") == 2
 
+    # Hanging up on a failed attempt does not shorten the wait for the next one.
+    hung_up = defer.ensureDeferred(client.post("/login", {"password": "guess3"}))
+    hung_up.addErrback(lambda failure: None)
+    throttle = served.console._throttle
+    await wait_for(lambda: throttle.failures("127.0.0.1") == 3, what="third failure")
+    allowed = throttle.next_allowed("127.0.0.1")
+    assert allowed - reactor.seconds() > 0.6
+    hung_up.cancel()
+
     # The right password still works (after its wait) and resets the count.
     page = await client.post("/login", {"password": PASSWORD})
     assert page.status == 303
+    assert reactor.seconds() >= allowed
     assert served.console._throttle.failures("127.0.0.1") == 0
     started = time.monotonic()
     other = ConsoleClient(served.url)
