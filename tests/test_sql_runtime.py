@@ -201,6 +201,26 @@ def test_handler_with_recursive_with(db):
     assert call(db).body == b"10"
 
 
+@pytest.mark.parametrize("query, expected", [
+    ("WITH a(x) AS (SELECT 'col') SELECT omni_httpd.http_response(x) FROM a", b"col"),
+    ("WITH a AS MATERIALIZED (SELECT 'mat' AS x) SELECT omni_httpd.http_response(x) FROM a", b"mat"),
+    ("WITH a AS (SELECT 'paren' AS x) (SELECT omni_httpd.http_response(x) FROM a)", b"paren"),
+    ("WITH a AS (SELECT request.path AS x FROM request) SELECT omni_httpd.http_response(x) FROM a", b"/r"),
+    ("-- comment\nWITH a AS (SELECT 'c' AS x), b AS (SELECT x || x AS y FROM a)\n"
+     "SELECT omni_httpd.http_response(y) FROM b -- done", b"cc"),
+    ("WITH a AS (SELECT 'v' AS x) VALUES (omni_httpd.http_response((SELECT x FROM a)))", b"v"),
+], ids=["column-list", "materialized", "parenthesized-main", "uses-request", "comments", "values"])
+def test_handlers_with_their_own_with(db, query, expected):
+    install(db, query)
+    assert call(db, path="/r").body == expected
+
+
+def test_with_and_insert_without_returning(db, visits):
+    install(db, "WITH p AS (SELECT request.path FROM request) INSERT INTO visits SELECT path FROM p")
+    assert call(db, path="/wi") is None
+    assert visits() == ["/wi"]
+
+
 def test_insert_without_returning_runs_and_has_no_outcome(db, visits):
     install(db, "INSERT INTO visits SELECT request.path FROM request")
     assert call(db, path="/quiet") is None

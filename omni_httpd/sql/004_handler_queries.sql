@@ -294,7 +294,8 @@ $$;
 
 -- The column types of what `query` returns with `request` in scope, found without
 -- running it: CREATE TABLE AS ... WITH NO DATA analyses the query (data-modifying ones
--- included) but executes nothing. Duplicate column names (which a table cannot have)
+-- included) but executes nothing; the probe table is made in a subtransaction that is
+-- then rolled back. Duplicate column names (which a table cannot have)
 -- are handled by renaming the first k columns c1..ck, k growing until it works.
 -- A handler that returns nothing at all (INSERT without RETURNING) has no columns.
 CREATE FUNCTION omni_httpd._handler_columns(query text)
@@ -320,8 +321,17 @@ BEGIN
             EXECUTE format('CREATE TEMPORARY TABLE %I AS %s SELECT %s WITH NO DATA',
                            probe_table, wrapping.wrapped,
                            CASE WHEN wrapping.returns_rows THEN '* FROM omni_httpd_handler' ELSE '' END);
-            EXIT;
+            SELECT coalesce(array_agg(a.atttypid::regtype ORDER BY a.attnum), ARRAY[]::regtype[])
+            INTO columns
+            FROM pg_catalog.pg_attribute a
+            WHERE a.attrelid = format('pg_temp.%I', probe_table)::regclass
+              AND a.attnum > 0 AND NOT a.attisdropped;
+            -- Roll the probe back: that drops the table, and would undo the changes of
+            -- a data-modifying handler if some server version did run it.
+            RAISE EXCEPTION USING ERRCODE = 'OH001', MESSAGE = 'probe done';
         EXCEPTION
+            WHEN SQLSTATE 'OH001' THEN
+                EXIT;
             WHEN duplicate_column THEN
                 IF k = 0 THEN
                     first_error := SQLERRM;
@@ -340,12 +350,6 @@ BEGIN
                 RAISE;
         END;
     END LOOP;
-    SELECT coalesce(array_agg(a.atttypid::regtype ORDER BY a.attnum), ARRAY[]::regtype[])
-    INTO columns
-    FROM pg_catalog.pg_attribute a
-    WHERE a.attrelid = format('pg_temp.%I', probe_table)::regclass
-      AND a.attnum > 0 AND NOT a.attisdropped;
-    EXECUTE format('DROP TABLE pg_temp.%I', probe_table);
     RETURN columns;
 END
 $$;
