@@ -58,6 +58,11 @@ class Dispatcher:
     def _remote(self, slot: int, request: Request) -> defer.Deferred:
         from omni_httpd.siblings import SiblingClient
 
+        # Mark the sibling busy now: until it has received this request and set its own
+        # flag, the scoreboard would show it idle and the next stream would pile onto it
+        # instead of going to another idle sibling (or waiting here).
+        self.scoreboard.set_busy(slot, True)
+
         client = self._clients.get(slot)
         if client is None:
             client = self._clients[slot] = SiblingClient(sibling_socket_path(self.run_dir, slot))

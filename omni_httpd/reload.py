@@ -8,7 +8,7 @@ handler-only changes never restart a worker.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 from twisted.internet import defer
 from twisted.logger import Logger

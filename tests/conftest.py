@@ -36,15 +36,29 @@ def dsn_for(cluster, dbname):
     return "host=%s port=5432 user=postgres dbname=%s" % (cluster.socket_dir, dbname)
 
 
+def create_database(cluster, prefix, template=None):
+    """Create a new database (copied from ``template`` if given); returns its name."""
+    name = "%s_%d_%d" % (prefix, os.getpid(), next(_counter))
+    admin = psycopg2.connect(cluster.dsn)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute('CREATE DATABASE "%s"%s' % (name, ' TEMPLATE "%s"' % template if template else ""))
+    admin.close()
+    return name
+
+
 @pytest.fixture
 def empty_dsn(pg_cluster):
     """DSN of a new, empty database (no schema installed)."""
-    name = "t_empty_%d_%d" % (os.getpid(), next(_counter))
-    admin = psycopg2.connect(pg_cluster.dsn)
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute('CREATE DATABASE "%s"' % name)
-    admin.close()
+    name = create_database(pg_cluster, "t_empty")
+    yield dsn_for(pg_cluster, name)
+    _drop_database(pg_cluster, name)
+
+
+@pytest.fixture(scope="module")
+def module_dsn(pg_cluster):
+    """DSN of a new, empty database shared by one test module (e.g. with one daemon)."""
+    name = create_database(pg_cluster, "t_module")
     yield dsn_for(pg_cluster, name)
     _drop_database(pg_cluster, name)
 
@@ -62,12 +76,7 @@ def schema_template(pg_cluster):
     """Name of a database with the omni_httpd schema installed, to copy from."""
     from omni_httpd import migrations
 
-    name = "t_template_%d" % os.getpid()
-    admin = psycopg2.connect(pg_cluster.dsn)
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute('CREATE DATABASE "%s"' % name)
-    admin.close()
+    name = create_database(pg_cluster, "t_template")
     migrations.apply(dsn_for(pg_cluster, name))
     yield name
     _drop_database(pg_cluster, name)
@@ -76,12 +85,7 @@ def schema_template(pg_cluster):
 @pytest.fixture
 def dsn(pg_cluster, schema_template):
     """DSN of a new database with the omni_httpd schema installed (a copy of the template)."""
-    name = "t_schema_%d_%d" % (os.getpid(), next(_counter))
-    admin = psycopg2.connect(pg_cluster.dsn)
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute('CREATE DATABASE "%s" TEMPLATE "%s"' % (name, schema_template))
-    admin.close()
+    name = create_database(pg_cluster, "t_schema", template=schema_template)
     yield dsn_for(pg_cluster, name)
     _drop_database(pg_cluster, name)
 

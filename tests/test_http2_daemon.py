@@ -6,20 +6,19 @@ import os
 import socket
 import subprocess
 
-import psycopg2
 import pytest
 
 from daemon_support import Daemon, add_listener, effective_port, sql, wait_reloads
 from h2_client import h2_exchange
 
-# The first request takes advisory lock 1 and waits (up to 10 s) until lock 2 is held by
+# The first request takes advisory lock 1 and waits (up to 20 s) until lock 2 is held by
 # someone else; the second takes lock 2, then waits for lock 1. Run one after the other,
 # the first gives up (500); run at the same time in two sessions, both answer 200.
 COORDINATION = """
 CREATE FUNCTION first_request() RETURNS text LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM pg_advisory_xact_lock(7001);
-    FOR i IN 1..200 LOOP
+    FOR i IN 1..400 LOOP
         IF EXISTS (SELECT FROM pg_locks WHERE locktype = 'advisory' AND objid = 7002 AND granted) THEN
             RETURN 'first ran beside second in backend ' || pg_backend_pid();
         END IF;
@@ -40,26 +39,16 @@ COORDINATED_HANDLER = """SELECT omni_httpd.http_response(CASE request.path WHEN 
 
 
 @pytest.fixture(scope="module")
-def two_workers(pg_cluster, tmp_path_factory):
-    name = "t_h2_%d" % os.getpid()
-    admin = psycopg2.connect(pg_cluster.dsn)
-    admin.autocommit = True
-    with admin.cursor() as cursor:
-        cursor.execute('DROP DATABASE IF EXISTS "%s"' % name)
-        cursor.execute('CREATE DATABASE "%s"' % name)
-    dsn = "host=%s port=5432 user=postgres dbname=%s" % (pg_cluster.socket_dir, name)
+def two_workers(module_dsn, tmp_path_factory):
     cert, key = _self_signed(tmp_path_factory.mktemp("tls"))
-    daemon = Daemon(dsn, "--http-workers", "2", "--no-init", "--admin", "none",
+    daemon = Daemon(module_dsn, "--http-workers", "2", "--no-init", "--admin", "none",
                     "--tls-cert", cert, "--tls-key", key)
     try:
         daemon.wait_ready()
-        wait_reloads(dsn, 1)
-        yield dsn, daemon
+        wait_reloads(module_dsn, 1)
+        yield module_dsn, daemon
     finally:
         code = daemon.stop()
-        with admin.cursor() as cursor:
-            cursor.execute('DROP DATABASE IF EXISTS "%s" WITH (FORCE)' % name)
-        admin.close()
     assert code == 0, daemon.output[-3000:]
 
 

@@ -5,7 +5,6 @@ import json
 import os
 import socket
 
-import psycopg2
 import pytest
 import pytest_twisted
 import treq
@@ -30,24 +29,14 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def served(pg_cluster):
-    name = "t_serving_%d" % os.getpid()
-    admin = psycopg2.connect(pg_cluster.dsn)
-    admin.autocommit = True
-    with admin.cursor() as cursor:
-        cursor.execute('DROP DATABASE IF EXISTS "%s"' % name)
-        cursor.execute('CREATE DATABASE "%s"' % name)
-    dsn = "host=%s port=5432 user=postgres dbname=%s" % (pg_cluster.socket_dir, name)
-    daemon = Daemon(dsn, "--http-workers", "2", "--no-init", "--admin", "none")
+def served(module_dsn):
+    daemon = Daemon(module_dsn, "--http-workers", "2", "--no-init", "--admin", "none")
     try:
         daemon.wait_ready()
-        wait_reloads(dsn, 1)  # the start-up's own record
-        yield Served(dsn, daemon)
+        wait_reloads(module_dsn, 1)  # the start-up's own record
+        yield Served(module_dsn, daemon)
     finally:
         code = daemon.stop()
-        with admin.cursor() as cursor:
-            cursor.execute('DROP DATABASE IF EXISTS "%s" WITH (FORCE)' % name)
-        admin.close()
     assert code == 0, daemon.output[-3000:]
 
 
