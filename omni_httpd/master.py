@@ -142,11 +142,16 @@ class MasterService(service.MultiService):
 
         from omni_httpd.console import AdminConsole
 
-        console = AdminConsole(self.state, self.dsn, password=self.settings.admin_password,
-                               password_file=self.settings.admin_password_file, reactor=self.reactor)
-        endpoint = endpoints.serverFromString(self.reactor, self.settings.admin)
         try:
-            self.admin_port = await endpoint.listen(Site(console.resource()))
+            console = AdminConsole(self.state, self.dsn, password=self.settings.admin_password,
+                                   password_file=self.settings.admin_password_file, reactor=self.reactor)
+        except ValueError as exc:
+            raise StartupError("admin console: %s" % one_line(exc))
+        endpoint = endpoints.serverFromString(self.reactor, self.settings.admin)
+        site = Site(console.resource())
+        site.log = lambda request: None  # the console's own requests are not HTTP traffic worth logging
+        try:
+            self.admin_port = await endpoint.listen(site)
         except Exception as exc:
             raise StartupError("admin console: cannot listen on %s: %s" % (self.settings.admin, one_line(exc)))
         address = self.admin_port.getHost()
