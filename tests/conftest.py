@@ -6,8 +6,10 @@ fresh one, created from a template that already has the schema installed.
 """
 import itertools
 import os
+import re
 import shutil
 import tempfile
+from typing import Optional
 
 import psycopg2
 import pytest
@@ -132,3 +134,29 @@ def make_role(pg_cluster):
         for name in reversed(created):
             cur.execute('DROP ROLE "%s"' % name)
     admin.close()
+
+
+@pytest.fixture
+def connect(dsn, make_role):
+    """Factory: connect(user=None, autocommit=True) -> connection to the test database.
+
+    Depends on make_role so that its connections are closed before roles are dropped.
+    """
+    connections = []
+
+    def make(user: Optional[str] = None, autocommit: bool = True):
+        target = dsn if user is None else re.sub(r"user=\S+", "user=%s" % user, dsn)
+        connection = psycopg2.connect(target)
+        connection.autocommit = autocommit
+        connections.append(connection)
+        return connection
+
+    yield make
+    for connection in connections:
+        connection.close()
+
+
+@pytest.fixture
+def db(connect):
+    """An autocommit connection to a fresh database with the schema, as a superuser."""
+    return connect()

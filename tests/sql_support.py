@@ -1,39 +1,11 @@
 """Helpers for the SQL API tests (tests/test_sql_*.py, tests/test_migrations.py)."""
 from __future__ import annotations
 
-import re
 import select
 import time
 from typing import List, NamedTuple, Optional, Tuple
 
 import psycopg2
-import pytest
-
-
-@pytest.fixture
-def connect(dsn, make_role):
-    """Factory: connect(user=None, autocommit=True) -> connection to the test database.
-
-    Depends on make_role so that its connections are closed before roles are dropped.
-    """
-    connections = []
-
-    def make(user: Optional[str] = None, autocommit: bool = True):
-        target = dsn if user is None else re.sub(r"user=\S+", "user=%s" % user, dsn)
-        connection = psycopg2.connect(target)
-        connection.autocommit = autocommit
-        connections.append(connection)
-        return connection
-
-    yield make
-    for connection in connections:
-        connection.close()
-
-
-@pytest.fixture
-def db(connect):
-    """An autocommit connection to a fresh database with the schema, as a superuser."""
-    return connect()
 
 
 def one(connection, sql: str, params=None):

@@ -4,7 +4,6 @@ from __future__ import annotations
 import threading
 
 import psycopg2
-import pytest
 
 from omni_httpd import migrations
 from conftest import dsn_for

@@ -5,7 +5,7 @@ from __future__ import annotations
 import psycopg2
 import pytest
 
-from sql_support import connect, db, execute, one, response_of, rows  # noqa: F401 (fixtures)
+from sql_support import execute, one, response_of, rows
 
 TEXT = "text/plain; charset=utf-8"
 

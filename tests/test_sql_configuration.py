@@ -8,7 +8,7 @@ import psycopg2
 import psycopg2.errors
 import pytest
 
-from sql_support import connect, db, execute, notifications, one, poll_until, rows  # noqa: F401 (fixtures)
+from sql_support import execute, notifications, one, poll_until, rows
 
 CHANNEL = "omni_httpd_reload"
 

@@ -7,7 +7,7 @@ import psycopg2
 import psycopg2.errors
 import pytest
 
-from sql_support import HandlerRow, call, connect, db, execute, install, one, rows  # noqa: F401 (fixtures)
+from sql_support import HandlerRow, call, execute, install, one, rows
 
 TEXT = "text/plain; charset=utf-8"
 
