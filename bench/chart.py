@@ -9,6 +9,12 @@ import json
 import sys
 
 
+def _ms(value: float) -> str:
+    if not value:
+        return ""
+    return "%.0f" % value if value >= 10 else "%.2g" % value
+
+
 def draw(results: dict, png_path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -34,7 +40,7 @@ def draw(results: dict, png_path: str) -> None:
         ax_rps.bar_label(bars, labels=["%.1fk" % (v / 1000.0) if v else "" for v in rps],
                          fontsize=7, rotation=90, padding=2)
         bars = ax_p99.bar(xs, p99, width, label=workload, color=color)
-        ax_p99.bar_label(bars, labels=["%.2g" % v if v else "" for v in p99], fontsize=7, padding=2)
+        ax_p99.bar_label(bars, labels=[_ms(v) for v in p99], fontsize=7, padding=2)
     ax_rps.set_ylabel("requests / s")
     ax_rps.set_title("omni_httpd benchmark %s (%s s per run%s)" % (
         results.get("timestamp", ""), results.get("duration", "?"), ", smoke" if results.get("smoke") else ""))

@@ -367,6 +367,7 @@ def write_outputs(results: dict, results_dir: str, venv: str, latest: bool) -> s
     if latest:
         with open(os.path.join(results_dir, "latest.md"), "w") as handle:
             handle.write(report.markdown(results, "latest.png" if png else None))
+        shutil.copyfile(stem + ".json", os.path.join(results_dir, "latest.json"))
         if png:
             shutil.copyfile(stem + ".png", os.path.join(results_dir, "latest.png"))
     return stem + ".md"
