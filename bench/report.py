@@ -158,6 +158,9 @@ def markdown(results: dict, png_name: Optional[str]) -> str:
                % (results["commit"], results["cpus"], results["duration"], results["warmup"],
                   results["pg_clients"], results["pg_clients"], results.get("peer_pool", 2),
                   results.get("load_start", "?"), results.get("load_end", "?")))
+    if results.get("versions"):
+        out.append("")
+        out.append("Versions: " + ", ".join("%s %s" % kv for kv in sorted(results["versions"].items())) + ".")
     out.append("")
     out.append("Workloads: " + "; ".join("%s %s" % (k, v) for k, v in results["workloads"].items()) + ".")
     out += ["", markdown_table(results), ""]

@@ -335,6 +335,39 @@ def git_commit() -> str:
         return "unknown"
 
 
+def tool_versions(targets: List[Target], venv: str, pgbench_bin: Optional[str]) -> Dict[str, str]:
+    """Versions of the load generators and servers used, for the report."""
+    def first_line(argv: List[str], pattern: str = r"[\d]+\.[\d.]+") -> Optional[str]:
+        import re
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        match = re.search(pattern, proc.stdout + proc.stderr)
+        return match.group(0) if match else None
+
+    versions = {"python": "%d.%d.%d" % sys.version_info[:3]}
+    servers = {t.server for t in targets}
+    protocols = {t.protocol for t in targets}
+    if "h1" in protocols:
+        versions["wrk"] = first_line(["wrk", "--version"])
+    if "h2c" in protocols:
+        versions["h2load"] = first_line(["h2load", "--version"])
+    if "nginx" in servers:
+        versions["nginx"] = first_line(["nginx", "-v"])
+    if pgbench_bin:
+        versions["PostgreSQL/pgbench"] = first_line([pgbench_bin, "--version"])
+    if servers & {"gunicorn", "uvicorn"} and os.path.exists(os.path.join(venv, "bin", "python")):
+        wanted = ("gunicorn", "uvicorn", "uvloop", "httptools", "asyncpg", "psycopg2-binary")
+        proc = subprocess.run([os.path.join(venv, "bin", "python"), "-m", "pip", "list", "--format=freeze",
+                               "--disable-pip-version-check"], capture_output=True, text=True, timeout=60)
+        for line in proc.stdout.splitlines():
+            name, _, version = line.partition("==")
+            if name.lower() in wanted:
+                versions[name.lower()] = version
+    return {k: v for k, v in versions.items() if v}
+
+
 def draw_chart(results: dict, json_path: str, png_path: str, venv: str) -> Optional[str]:
     """Returns None when the PNG was written, else why not."""
     try:
@@ -497,6 +530,10 @@ def main(argv=None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
 
     results["load_end"] = "%.2f" % os.getloadavg()[0]
+    try:
+        results["versions"] = tool_versions(targets, args.venv, find_pgbench(pg.bin_dir) if pg else None)
+    except (OSError, subprocess.SubprocessError):
+        pass
     # the row order of the table: targets as listed, workloads as given
     order = {t.id: i for i, t in enumerate(TARGETS)}
     wl = {w.name: i for i, w in enumerate(workloads)}
