@@ -9,7 +9,7 @@ the peers gunicorn+psycopg2 and uvicorn+asyncpg (installed into bench/.venv on f
 nginx returning the same bodies (the HTTP ceiling) and pgbench running the handler
 statement (the database ceiling). Every target's response is checked before it is
 measured. Prints one table and writes bench/results/<timestamp>.{md,json,png}
-(and latest.* for a full run). Run it with the project's interpreter (it needs psycopg2,
+(and latest.* for a full run: every target, every workload). Run it with the project's interpreter (it needs psycopg2,
 h2 and the omni_httpd package, and starts `twistd` from the same environment).
 """
 from __future__ import annotations
@@ -490,7 +490,11 @@ def main(argv=None) -> int:
     pg = None
     try:
         log("starting PostgreSQL in %s" % workdir)
-        pg, dsn, w2_response = start_database(workdir, max_connections=50 + 4 * args.peer_pool)
+        try:
+            pg, dsn, w2_response = start_database(workdir, max_connections=50 + 4 * args.peer_pool)
+        except Exception as exc:  # noqa: BLE001 - EmbeddedPostgresError, psycopg2.Error: one line
+            print("cannot start the benchmark's PostgreSQL: %s" % exc, file=sys.stderr)
+            return 2
         ctx = Context(workdir=workdir, dsn=dsn, pg_host=pg.socket_dir, pg_port=5432, venv=args.venv,
                       peer_pool=args.peer_pool)
         for w in workloads:
@@ -538,7 +542,8 @@ def main(argv=None) -> int:
     order = {t.id: i for i, t in enumerate(TARGETS)}
     wl = {w.name: i for i, w in enumerate(workloads)}
     results["rows"].sort(key=lambda r: (wl[r["workload"]], order[r["target"]]))
-    md_path = write_outputs(results, args.results_dir, args.venv, latest=not args.smoke)
+    complete = (not args.smoke and len(targets) == len(TARGETS) and len(workloads) == len(WORKLOADS))
+    md_path = write_outputs(results, args.results_dir, args.venv, latest=complete)
 
     print()
     print(report.text_table(results))
