@@ -8,9 +8,10 @@ each target in turn (never two at once): omni_httpd over HTTP/1.1 (wrk) and h2c 
 the peers gunicorn+psycopg2 and uvicorn+asyncpg (installed into bench/.venv on first use),
 nginx returning the same bodies (the HTTP ceiling) and pgbench running the handler
 statement (the database ceiling). Every target's response is checked before it is
-measured. Prints one table and writes bench/results/<timestamp>.{md,json,png}
-(and latest.* for a full run: every target, every workload). Run it with the project's interpreter (it needs psycopg2,
-h2 and the omni_httpd package, and starts `twistd` from the same environment).
+measured. Prints one table and writes bench/results/<timestamp>.{md,json,png} (and
+latest.* for a full run: every target, every workload). Run it with the project's
+interpreter: it needs psycopg2, h2 and the omni_httpd package, and starts `twistd` from
+the same environment.
 """
 from __future__ import annotations
 
