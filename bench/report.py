@@ -53,6 +53,27 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def cpu_table(results: dict, markdown: bool) -> List[str]:
+    """CPU time per request: the server's main process, its workers (children), and the
+    PostgreSQL backends of the benchmark database, from /proc during the measurement."""
+    rows = [r for r in results["rows"] if r.get("cpu_us")]
+    if not rows:
+        return []
+    head = ["target", "workload", "main µs/req", "workers µs/req", "PostgreSQL µs/req", "total µs/req"]
+    body = []
+    for r in rows:
+        cpu = r["cpu_us"]
+        total = cpu["main"] + cpu["children"] + cpu["postgres"]
+        body.append([r["label"], r["workload"], "%.0f" % cpu["main"], "%.0f" % cpu["children"],
+                     "%.0f" % cpu["postgres"], "%.0f" % total])
+    if markdown:
+        return (["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+                + ["| " + " | ".join(b) + " |" for b in body])
+    widths = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
+    return ["  ".join([x[0].ljust(widths[0]), x[1].ljust(widths[1])]
+                      + [c.rjust(w) for c, w in zip(x[2:], widths[2:])]) for x in [head] + body]
+
+
 def _row(results: dict, target: str, workload: str = "W1") -> Optional[dict]:
     for r in results["rows"]:
         if r["target"] == target and r["workload"] == workload and r.get("rps") is not None:
@@ -166,6 +187,13 @@ def markdown(results: dict, png_name: Optional[str]) -> str:
     out += ["", markdown_table(results), ""]
     if png_name:
         out += ["![req/s and p99 per target](%s)" % png_name, ""]
+    cpu = cpu_table(results, markdown=True)
+    if cpu:
+        out += ["## CPU per request", "",
+                "CPU time during the measurement divided by the requests served: the server's main "
+                "process (omni_httpd: the master), its child processes (the workers), and the "
+                "PostgreSQL backends of the benchmark database. The load generator is not counted.",
+                ""] + cpu + [""]
     more = extras(results)
     if more:
         out += ["## Memory, start-up, reload, shutdown", ""] + ["- " + line for line in more] + [""]

@@ -37,7 +37,8 @@ if REPO not in sys.path:
 import httpcheck  # noqa: E402
 import loaders  # noqa: E402
 import report  # noqa: E402
-from servers import DaemonServer, NginxServer, PeerServer, ServerError  # noqa: E402
+from servers import (DaemonServer, NginxServer, PeerServer, ServerError, cpu_per_request,  # noqa: E402
+                     cpu_snapshot)
 from workloads import WORKLOADS, Workload, peer_sql, pgbench_sql  # noqa: E402
 
 
@@ -168,7 +169,7 @@ def row(target: Target, workload: Workload, status: str = "ok", message: str = "
            "message": message, "rps": None}
     if m is not None:
         out.update(rps=m.rps, p50_ms=m.p50_ms, p99_ms=m.p99_ms, errors=m.errors, non2xx=m.non2xx,
-                   requests=m.requests, seconds=m.seconds)
+                   requests=m.requests, seconds=m.seconds, cpu_us=m.detail.get("cpu_us"))
     return out
 
 
@@ -209,7 +210,9 @@ def run_http_server(server, targets: List[Target], workloads: List[Workload], ct
                 try:
                     if args.warmup:
                         measure_http(t, port, w, ctx, args.warmup)
+                    before = cpu_snapshot(server.proc.pid)
                     m = measure_http(t, port, w, ctx, args.duration)
+                    m.detail["cpu_us"] = cpu_per_request(before, cpu_snapshot(server.proc.pid), m.requests)
                 except loaders.LoadError as exc:
                     results["rows"].append(row(t, w, "NOT MEASURED (load failed)", str(exc)))
                     continue
@@ -548,6 +551,11 @@ def main(argv=None) -> int:
 
     print()
     print(report.text_table(results))
+    cpu = report.cpu_table(results, markdown=False)
+    if cpu:
+        print("\nCPU per request (server main process, its workers, PostgreSQL backends):")
+        print("\n".join(cpu))
+        print()
     for line in report.extras(results):
         print(line)
     if not args.smoke:

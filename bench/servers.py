@@ -128,6 +128,54 @@ def _children(pid: int) -> List[int]:
     return found
 
 
+def _cpu_ticks(pid: int) -> int:
+    try:
+        with open("/proc/%d/stat" % pid) as handle:
+            stat = handle.read()
+    except OSError:
+        return 0
+    fields = stat[stat.rindex(")") + 2:].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def _postgres_backends(dbname: str) -> List[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/cmdline" % entry, "rb") as handle:
+                cmdline = handle.read()
+        except OSError:
+            continue
+        if cmdline.startswith(b"postgres: ") and (b" %s " % dbname.encode()) in cmdline:
+            found.append(int(entry))
+    return found
+
+
+def cpu_snapshot(pid: Optional[int], dbname: str = "bench") -> Dict[str, Dict[int, int]]:
+    """CPU ticks of a server's main process, its direct children, and the database's backends."""
+    snap = {"main": {}, "children": {}, "postgres": {}}
+    if pid is not None:
+        snap["main"][pid] = _cpu_ticks(pid)
+        for child in _children(pid):
+            snap["children"][child] = _cpu_ticks(child)
+    for backend in _postgres_backends(dbname):
+        snap["postgres"][backend] = _cpu_ticks(backend)
+    return snap
+
+
+def cpu_per_request(before: dict, after: dict, requests: int) -> Dict[str, float]:
+    """Microseconds of CPU per request in each group between two snapshots (processes that
+    came or went in between count from 0 or not at all)."""
+    tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
+    out = {}
+    for group in ("main", "children", "postgres"):
+        ticks = sum(max(0, t - before[group].get(p, 0)) for p, t in after[group].items())
+        out[group] = ticks * tick_us / requests if requests else 0.0
+    return out
+
+
 def process_rss(pid: int) -> Dict[str, object]:
     """RSS in MB of a server's main process and of its direct children (its workers)."""
     children = _children(pid)
