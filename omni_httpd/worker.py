@@ -21,6 +21,7 @@ from omni_httpd.settings import Settings
 log = Logger()
 
 CONTROL_FD = 3
+_observers: List["StderrLog"] = []
 
 
 class Worker:
@@ -75,6 +76,8 @@ class Worker:
         self.control.send({"type": "ready", "pid": os.getpid()})
 
     def _exit(self, code: int) -> None:
+        for observer in _observers:
+            observer.flush()
         os._exit(code)
 
     # -- control ----------------------------------------------------------------------------------
@@ -210,10 +213,25 @@ class Worker:
             await self.dbthread.stop()
 
 
-def _log_to_stderr(stream=sys.stderr):
-    """Worker log lines are `level|text`; the master relays them into its own log."""
+class StderrLog:
+    """Worker log observer: lines `level|text` on stderr, relayed by the master.
 
-    def observer(event):
+    Lines are buffered and written at most every ``FLUSH_EVERY`` seconds (at once for
+    warnings and errors): with the access log on, a write per request would cost a
+    system call in the worker and a wake-up in the master for every request.
+    """
+
+    FLUSH_EVERY = 0.05
+    MAX_BUFFER = 64 * 1024
+
+    def __init__(self, stream=None):
+        self.stream = stream if stream is not None else sys.stderr
+        self.reactor = None
+        self._buffer: List[str] = []
+        self._size = 0
+        self._call = None
+
+    def __call__(self, event) -> None:
         try:
             text = formatEvent(event)
             failure = event.get("log_failure")
@@ -221,12 +239,28 @@ def _log_to_stderr(stream=sys.stderr):
                 text = text + "\n" + failure.getTraceback()
             level = event.get("log_level")
             name = level.name if level is not None else "info"
-            stream.write("".join("%s|%s\n" % (name, line) for line in text.splitlines() or [""]))
-            stream.flush()
+            chunk = "".join("%s|%s\n" % (name, line) for line in text.splitlines() or [""])
+            self._buffer.append(chunk)
+            self._size += len(chunk)
+            if name not in ("debug", "info") or self.reactor is None or self._size > self.MAX_BUFFER:
+                self.flush()
+            elif self._call is None:
+                self._call = self.reactor.callLater(self.FLUSH_EVERY, self.flush)
         except Exception:
             pass
 
-    return observer
+    def flush(self) -> None:
+        if self._call is not None:
+            if self._call.active():
+                self._call.cancel()
+            self._call = None
+        if self._buffer:
+            data, self._buffer, self._size = "".join(self._buffer), [], 0
+            try:
+                self.stream.write(data)
+                self.stream.flush()
+            except Exception:
+                pass
 
 
 def main(argv=None) -> None:
@@ -237,9 +271,14 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     settings = Settings(**json.loads(os.environ.get("OMNI_HTTPD_WORKER_SETTINGS", "{}")))
     dsn = os.environ["OMNI_HTTPD_WORKER_DSN"]
-    globalLogBeginner.beginLoggingTo([_log_to_stderr()], redirectStandardIO=False)
+    observer = StderrLog()
+    _observers.append(observer)
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
     from twisted.internet import reactor
+
+    observer.reactor = reactor
+    reactor.addSystemEventTrigger("after", "shutdown", observer.flush)
 
     worker = Worker(reactor, args.slot, args.run_dir, settings, dsn, json.loads(args.inherited))
     reactor.addSystemEventTrigger("before", "shutdown", lambda: defer.ensureDeferred(worker.stop()))
