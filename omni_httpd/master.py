@@ -30,6 +30,10 @@ from omni_httpd.settings import Settings
 log = Logger()
 
 
+class _Interrupted(Exception):
+    """A shutdown was requested while starting."""
+
+
 class StartupError(Exception):
     """Fatal start-up problem; str() is the one line the operator sees."""
 
@@ -57,12 +61,20 @@ class MasterService(service.MultiService):
         self.admin_port = None
         self.ready = defer.Deferred()
         self._failed = False
+        self._stopping = False
+        self._starting: Optional[defer.Deferred] = None
 
     # -- start ------------------------------------------------------------------------------
     def startService(self) -> None:
         super().startService()
         d = defer.ensureDeferred(self._start())
         d.addErrback(self._fatal)
+        self._starting = d
+
+    def _step_done(self) -> None:
+        """Between start-up steps: a shutdown requested meanwhile ends the start-up."""
+        if self._stopping:
+            raise _Interrupted()
 
     async def _start(self) -> None:
         settings = self.settings
@@ -73,18 +85,22 @@ class MasterService(service.MultiService):
             except EmbeddedPostgresError as exc:
                 raise StartupError(str(exc))
             self.dsn = self.embedded.dsn
+            self._step_done()
             log.info("embedded PostgreSQL {state} in {dir}; connect with: psql \"{dsn}\"",
                      state="created" if created else "reused", dir=self.embedded.pgdata, dsn=self.dsn)
         try:
             applied = await threads.deferToThread(migrations.apply, self.dsn)
         except psycopg2.OperationalError as exc:
             raise StartupError("cannot connect to the database: %s" % one_line(exc))
+        self._step_done()
         if applied:
             log.info("schema migrations applied: {names}", names=", ".join(applied))
         if settings.init:
             await threads.deferToThread(self._initialize_default)
+            self._step_done()
 
         self.db = await self._connect()
+        self._step_done()
         self.run_dir = tempfile.mkdtemp(prefix="omni_httpd_")
         self.scoreboard = Scoreboard(os.path.join(self.run_dir, "scoreboard"), settings.http_workers, create=True)
         self.reloader = Reloader(settings, self.db, settings.http_workers)
@@ -92,14 +108,18 @@ class MasterService(service.MultiService):
         # notified during start-up make one more reload once the first is applied.
         self.db.addNotifyObserver(self._notified)
         await self.db.runOperation(queries.LISTEN)
+        self._step_done()
         await self.reloader.load()
+        self._step_done()
         self.fleet = Fleet(self.reactor, settings, self.dsn, self.run_dir, self.scoreboard,
                            self.reloader.listener_fds, self.reloader.config_message)
         self.reloader.fleet = self.fleet
         self.fleet.start()
         await self.reloader.apply()
+        self._step_done()
         self.reloader.started()
         await self._start_admin()
+        self._step_done()
         log.info("omni_httpd ready: {workers} HTTP worker(s); {summary}",
                  workers=settings.http_workers, summary=self.reloader.summary())
         self.ready.callback(None)
@@ -167,6 +187,9 @@ class MasterService(service.MultiService):
 
     # -- failure and stop ---------------------------------------------------------------------
     def _fatal(self, failure) -> None:
+        if failure.check(_Interrupted) or (self._stopping and failure.check(defer.CancelledError)):
+            log.info("start-up interrupted by shutdown")
+            return
         if failure.check(StartupError):
             message = str(failure.value)
         else:
@@ -193,6 +216,11 @@ class MasterService(service.MultiService):
 
     async def _stop(self) -> None:
         log.info("shutting down")
+        self._stopping = True
+        if self._starting is not None and not self._starting.called and self.fleet is None:
+            # Let the start-up step under way finish; it stops at the next step. (Once
+            # the fleet exists, stopping it below cancels what start-up waits for.)
+            await self._starting
         if self.admin_port is not None:
             await self.admin_port.stopListening()
         if self.fleet is not None:

@@ -133,3 +133,11 @@ def test_shutdown_grace_is_bounded_and_an_abandoned_handler_does_not_commit(empt
     client.close()
     assert sql(empty_dsn, "SELECT count(*) FROM abandoned", fetch=True)[0][0] == 0
     assert "shutdown grace period (1.0s) over" in daemon.output
+
+
+def test_sigterm_during_start_up_exits_cleanly(empty_dsn):
+    daemon = Daemon(empty_dsn, "--http-workers", "2", "--no-init", "--admin", "none")
+    daemon.wait_for(r"worker 1 started")  # in the middle of start-up: workers spawned, not ready
+    assert daemon.stop(signal.SIGTERM) == 0, daemon.output[-3000:]
+    assert "cannot start" not in daemon.output
+    assert "Traceback" not in daemon.output
