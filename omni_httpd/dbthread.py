@@ -99,6 +99,35 @@ def error_text(exc: psycopg2.Error) -> str:
     return text
 
 
+def _quote(value: Optional[str]) -> str:
+    """An SQL literal for ``value``: an E'' string reads the same whatever
+    standard_conforming_strings is (a handler may change it for the session)."""
+    if value is None:
+        return "NULL"
+    if "\x00" in value:
+        # PostgreSQL text cannot hold NUL; the HTTP parsers never produce it.
+        raise HandlerError("request contains a NUL character")
+    return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def _arguments(request: Request) -> str:
+    """The argument list of a handler call, as SQL literals.
+
+    Built here rather than by psycopg2's parameter adaptation, which costs about a third
+    of the DB thread's time per request (two lists of header strings to adapt one by
+    one); the quoting is the same PostgreSQL escape-string syntax psycopg2 relies on.
+    """
+    headers = request.headers
+    if headers:
+        names = "ARRAY[%s]" % ",".join([_quote(name) for name, _ in headers])
+        values = "ARRAY[%s]" % ",".join([_quote(value) for _, value in headers])
+    else:
+        names = values = "'{}'"
+    return "(%s,%s,%s,E'\\\\x%s'::bytea,%s,%s)" % (
+        _quote(request.method), _quote(request.path), _quote(request.query_string),
+        request.body.hex(), names, values)
+
+
 def function_name(handler_id: int, generation: int) -> str:
     return "omni_httpd_h%d_g%d" % (handler_id, generation)
 
@@ -393,12 +422,8 @@ class DBThread:
         if statement is None:
             raise HandlerError(self._broken.get(handler_id)
                                or "handler %d is not installed" % handler_id)
-        headers = request.headers
         try:
-            cur.execute(statement, (
-                request.method, request.path, request.query_string,
-                psycopg2.Binary(request.body),
-                [name for name, _ in headers], [value for _, value in headers]))
+            cur.execute(statement + _arguments(request))
             row = cur.fetchone()
         except psycopg2.Error as exc:
             self._check_connection(exc)
@@ -451,7 +476,7 @@ class DBThread:
         cur.execute("PREPARE %s (%s) AS SELECT * FROM pg_temp.%s($1, $2, $3, $4, $5, $6)"
                     % (statement_name(handler_id), _PARAMETER_TYPES, name))
         self._statements[handler_id] = (
-            "EXECUTE %s (%%s, %%s, %%s, %%s, %%s, %%s)" % statement_name(handler_id))
+            "EXECUTE %s" % statement_name(handler_id))
         self._broken.pop(handler_id, None)
         if old is not None:
             self._quietly("DROP FUNCTION IF EXISTS pg_temp.%s" % old)

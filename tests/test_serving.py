@@ -337,3 +337,19 @@ def test_database_unavailable_answers_503_then_recovers(served):
     assert all(r.startswith(b"HTTP/1.1 503") or r.endswith(b"up") for r in replies), replies
     wait_until(lambda: raw(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").endswith(b"up"),
                what="recovery after the database connection was lost")
+
+
+def test_request_values_reach_the_handler_verbatim_whatever_the_session_settings(served):
+    # A handler may change session settings; quotes and backslashes in the request must
+    # still arrive exactly as sent (and never be read as SQL).
+    base = served.serve("""SELECT omni_httpd.http_response(
+        CASE WHEN request.path = '/off' THEN set_config('standard_conforming_strings', 'off', false)
+             ELSE omni_http.http_header_get(request.headers, 'x-v') || '|' || request.query_string END)
+        FROM request""")
+    port = int(base.rsplit(":", 1)[1])
+    tricky = b"it's \\ a \\' test'); SELECT 1; --"
+    for _ in range(4):  # reach both workers, after each has had its settings changed
+        raw(port, b"GET /off HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        reply = raw(port, b"GET /x?q='\\' HTTP/1.1\r\nHost: x\r\nX-V: " + tricky + b"\r\nConnection: close\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 200"), reply
+        assert reply.endswith(b"\r\n\r\n" + tricky + b"|q='\\'"), reply
