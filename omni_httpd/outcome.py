@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from omni_httpd import proxy, response
+from omni_httpd import response
 from omni_httpd.dbthread import DatabaseUnavailable, HandlerError
 from omni_httpd.request import Request
 from omni_httpd.response import Response
@@ -155,6 +155,9 @@ class LocalExecutor:
     def _row_received(self, row, request: Request):
         outcome = response_from_row(row, request.method)
         if isinstance(outcome, ProxyOutcome):
+            # Imported on first use: twisted.web.client costs a worker several MB.
+            from omni_httpd import proxy
+
             return proxy.forward(request, outcome.url, outcome.preserve_host,
                                  self._reactor, self._settings)
         return outcome
