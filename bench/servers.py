@@ -308,7 +308,9 @@ class DaemonServer(Server):
         if not os.access(twistd, os.X_OK):
             twistd = "twistd"
         argv = [twistd, "-n", "--pidfile", os.path.join(self.ctx.workdir, "twistd.pid"), "omni_httpd",
-                "--dsn", self.ctx.dsn, "--http-workers", str(self.workers), "--no-init", "--admin", "none"]
+                "--dsn", self.ctx.dsn, "--http-workers", str(self.workers), "--no-init", "--admin", "none",
+                # like the peers (uvicorn --no-access-log, nginx access_log off)
+                "--no-access-log"]
         # the same omni_httpd (and its twisted/plugins) as this process, installed or not
         import omni_httpd
         root = os.path.dirname(os.path.dirname(os.path.abspath(omni_httpd.__file__)))
