@@ -23,23 +23,21 @@ def format_http_date(seconds: float) -> str:
         _DAYS[t.tm_wday], t.tm_mday, _MONTHS[t.tm_mon - 1], t.tm_year, t.tm_hour, t.tm_min, t.tm_sec)
 
 
-def http_date(now: float) -> str:
-    """The Date header value for time ``now`` (``clock.seconds()``), cached per second."""
+def _cached(now: float) -> tuple:
     global _cache
     second = int(now)
     cached = _cache
     if cached[0] != second:
         text = format_http_date(second)
         cached = _cache = (second, text, text.encode("ascii"))
-    return cached[1]
+    return cached
+
+
+def http_date(now: float) -> str:
+    """The Date header value for time ``now`` (``clock.seconds()``), cached per second."""
+    return _cached(now)[1]
 
 
 def http_date_bytes(now: float) -> bytes:
     """Like `http_date`, as ASCII bytes (what the HTTP/1 serialiser and h2 want)."""
-    global _cache
-    second = int(now)
-    cached = _cache
-    if cached[0] != second:
-        text = format_http_date(second)
-        cached = _cache = (second, text, text.encode("ascii"))
-    return cached[2]
+    return _cached(now)[2]

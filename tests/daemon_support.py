@@ -96,14 +96,16 @@ class Daemon:
 
 
 def sql(dsn: str, statement: str, params=None, fetch: bool = False):
-    """Run one statement in autocommit mode; return all rows when ``fetch``."""
+    """Run one statement in autocommit mode; return its rows (None if it returns none).
+
+    ``fetch`` is accepted for readability at call sites that want the rows.
+    """
     connection = psycopg2.connect(dsn)
     connection.autocommit = True
     try:
         with connection.cursor() as cursor:
             cursor.execute(statement, params)
-            if fetch:
-                return cursor.fetchall()
+            return cursor.fetchall() if cursor.description else None
     finally:
         connection.close()
 

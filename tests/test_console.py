@@ -21,6 +21,7 @@ from admin_support import ConsoleClient, FixedState, ServedConsole, wait_for
 from omni_httpd.console import AdminConsole
 from omni_httpd.console_auth import COOKIE_NAME
 from omni_httpd.queries import NOTIFY_CHANNEL
+from daemon_support import sql
 
 PASSWORD = "correct horse battery staple"
 
@@ -29,17 +30,6 @@ GET_ROUTES = ["/", "/status.json", "/listeners", "/listeners/new", "/listeners/1
 POST_ROUTES = ["/logout", "/reload", "/listeners/new", "/listeners/1", "/listeners/1/delete",
                "/listeners/1/attach", "/listeners/1/detach", "/handlers/new", "/handlers/1",
                "/handlers/1/delete", "/handlers/1/try", "/try"]
-
-
-def sql(dsn, statement, params=None):
-    conn = psycopg2.connect(dsn)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(statement, params)
-            return cur.fetchall() if cur.description else None
-    finally:
-        conn.close()
 
 
 def state_fixture():

@@ -21,6 +21,7 @@ from omni_httpd.dbthread import DatabaseUnavailable, DBThread, HandlerError
 from omni_httpd.outcome import LocalExecutor
 from omni_httpd.request import Request
 from omni_httpd.settings import Settings
+from daemon_support import sql
 
 def respond(expression, where=""):
     """A handler answering ``expression`` (SQL) as the response body."""
@@ -31,17 +32,6 @@ def get(path="/", **kwargs):
     fields = dict(method="GET", path=path, query_string=None, headers=[], body=b"", listener_id=1)
     fields.update(kwargs)
     return Request(**fields)
-
-
-def admin_execute(dsn, statement, params=None):
-    conn = psycopg2.connect(dsn)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(statement, params)
-            return cur.fetchall() if cur.description else None
-    finally:
-        conn.close()
 
 
 async def wait_for(predicate, timeout=10.0, interval=0.02):
@@ -220,7 +210,7 @@ async def test_handler_error_is_reported_and_the_worker_keeps_serving(make_db):
 
 @pytest_twisted.ensureDeferred
 async def test_committed_on_success_rolled_back_on_error(make_db, dsn):
-    admin_execute(dsn, "CREATE TABLE hits (path text)")
+    sql(dsn, "CREATE TABLE hits (path text)")
     query = ("INSERT INTO hits SELECT request.path FROM request "
              "RETURNING omni_httpd.http_response((10 / (length(path) - 1))::text)")
     db = await started(make_db, {1: (query, "postgres")})
@@ -228,7 +218,7 @@ async def test_committed_on_success_rolled_back_on_error(make_db, dsn):
     with pytest.raises(HandlerError):
         await db.run(1, get("/"))                 # inserts, then divides by zero
     assert (await db.run(1, get("/abc")))[4] == b"3"
-    rows = admin_execute(dsn, "SELECT path FROM hits ORDER BY path")
+    rows = sql(dsn, "SELECT path FROM hits ORDER BY path")
     assert rows == [("/a",), ("/abc",)]
 
 
@@ -266,7 +256,7 @@ async def test_cancel_running(make_db, dsn):
     db = await started(make_db, {1: (respond("'late'", ", pg_sleep(30)"), "postgres")})
     pid = await backend_pid(db)
     running = db.run(1, get())
-    await wait_for(lambda: admin_execute(
+    await wait_for(lambda: sql(
         dsn, "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND state = 'active'", (pid,)))
     began = time.monotonic()
     await db.cancel_running()
@@ -359,7 +349,7 @@ def backend_pid(db):
 async def test_terminated_backend_gives_503_then_recovers(make_db, dsn):
     db = await started(make_db, {1: (respond("pg_backend_pid()::text"), "postgres")})
     pid = await backend_pid(db)
-    admin_execute(dsn, "SELECT pg_terminate_backend(%s)", (pid,))
+    sql(dsn, "SELECT pg_terminate_backend(%s)", (pid,))
 
     began = time.monotonic()
     with pytest.raises(DatabaseUnavailable):
@@ -382,9 +372,9 @@ async def test_fails_fast_while_the_database_is_away(make_db, dsn):
     db = await started(make_db, {1: (respond("'up'"), "postgres")})
     pid = await backend_pid(db)
     admin_dsn = dsn.replace("dbname=%s" % dbname, "dbname=postgres")
-    admin_execute(admin_dsn, 'ALTER DATABASE "%s" ALLOW_CONNECTIONS false' % dbname)
+    sql(admin_dsn, 'ALTER DATABASE "%s" ALLOW_CONNECTIONS false' % dbname)
     try:
-        admin_execute(admin_dsn, "SELECT pg_terminate_backend(%s)", (pid,))
+        sql(admin_dsn, "SELECT pg_terminate_backend(%s)", (pid,))
         for _ in range(3):
             began = time.monotonic()
             with pytest.raises(DatabaseUnavailable):
@@ -394,7 +384,7 @@ async def test_fails_fast_while_the_database_is_away(make_db, dsn):
         with pytest.raises(DatabaseUnavailable):
             await db.apply_configuration(2, {1: (respond("'up again'"), "postgres")})
     finally:
-        admin_execute(admin_dsn, 'ALTER DATABASE "%s" ALLOW_CONNECTIONS true' % dbname)
+        sql(admin_dsn, 'ALTER DATABASE "%s" ALLOW_CONNECTIONS true' % dbname)
 
     async def served():
         try:
