@@ -353,3 +353,16 @@ def test_request_values_reach_the_handler_verbatim_whatever_the_session_settings
         reply = raw(port, b"GET /x?q='\\' HTTP/1.1\r\nHost: x\r\nX-V: " + tricky + b"\r\nConnection: close\r\n\r\n")
         assert reply.startswith(b"HTTP/1.1 200"), reply
         assert reply.endswith(b"\r\n\r\n" + tricky + b"|q='\\'"), reply
+
+
+@pytest_twisted.ensureDeferred
+async def test_new_connections_spread_over_both_workers(served):
+    # Each worker has its own database session: the backend pid tells which one answered.
+    base = served.serve("SELECT omni_httpd.http_response(pg_backend_pid()::text) FROM request")
+    responses = await defer.gatherResults([treq.get(base + "/", persistent=False) for _ in range(200)])
+    bodies = await defer.gatherResults([treq.content(r) for r in responses])
+    counts = {}
+    for body in bodies:
+        counts[body] = counts.get(body, 0) + 1
+    assert len(counts) == 2, counts
+    assert min(counts.values()) >= 40, counts  # an even spread, not one worker taking the burst
