@@ -7,6 +7,7 @@ worker's only PostgreSQL connection and runs every handler.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import socket
@@ -263,6 +264,25 @@ class StderrLog:
                 pass
 
 
+def _import_reactor_without_tls():
+    """The reactor, without pyOpenSSL loaded for TCP's startTLS support.
+
+    twisted.internet.tcp imports pyOpenSSL and cryptography (12 MB per worker) only to
+    offer startTLS, which we never use: https listeners wrap their factory in
+    twisted.protocols.tls, which imports pyOpenSSL itself when the first one is served.
+    """
+    blocked = "OpenSSL" not in sys.modules
+    if blocked:
+        sys.modules["OpenSSL"] = None  # makes `import OpenSSL` fail: tcp falls back
+    try:
+        importlib.import_module("twisted.internet.tcp")
+        from twisted.internet import reactor
+    finally:
+        if blocked and sys.modules.get("OpenSSL", 0) is None:
+            del sys.modules["OpenSSL"]
+    return reactor
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="omni_httpd.worker")
     parser.add_argument("--slot", type=int, required=True)
@@ -275,7 +295,7 @@ def main(argv=None) -> None:
     _observers.append(observer)
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
-    from twisted.internet import reactor
+    reactor = _import_reactor_without_tls()
 
     observer.reactor = reactor
     reactor.addSystemEventTrigger("after", "shutdown", observer.flush)
