@@ -48,6 +48,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from omni_httpd.accesslog import log_request
+from omni_httpd.http1 import send_now
 from omni_httpd.httpdate import http_date_bytes
 from omni_httpd.request import METHODS, Request, split_target
 from omni_httpd.response import Response, error_response, internal_error
@@ -153,6 +154,7 @@ class HTTP2Protocol(Protocol):
         self._last_progress = 0.0
         self._timer = None
         self._abort_timer = None
+        self._flush_call = None
 
     # -- connection life cycle -------------------------------------------------------
 
@@ -207,6 +209,9 @@ class HTTP2Protocol(Protocol):
     def connectionLost(self, reason=None) -> None:
         self.disconnected = True
         self.streams.clear()
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
         for timer in (self._timer, self._abort_timer):
             if timer is not None and timer.active():
                 timer.cancel()
@@ -389,7 +394,7 @@ class HTTP2Protocol(Protocol):
                         label=self._label(), stream_id=stream.stream_id)
             self._reset(stream.stream_id, ErrorCodes.INTERNAL_ERROR)
             self._forget(stream)
-        self._flush()
+        self._flush_soon()
 
     def _send_response(self, stream: _Stream, response: Response) -> None:
         stream_id = stream.stream_id
@@ -452,8 +457,10 @@ class HTTP2Protocol(Protocol):
             self.h2.send_data(stream_id, data[stream.offset:end], end_stream=end == total)
             stream.offset = end
             stream.sent += size
-            # Write frame by frame so the transport can pause us when its buffer fills.
-            self._flush()
+            if end < total:
+                # Write frame by frame so the transport can pause us when its buffer
+                # fills; a body that fits in one frame goes out with the next flush.
+                self._flush()
             if self.disconnected:
                 return
         if stream.offset >= total:
@@ -503,7 +510,20 @@ class HTTP2Protocol(Protocol):
         data = self.h2.data_to_send()
         if data and not self.disconnected:
             self._last_progress = self.clock.seconds()
-            self.transport.write(data)
+            send_now(self.transport, data)
+
+    def _flush_soon(self) -> None:
+        """Flush once the current reactor turn is over.
+
+        The DB thread hands back a batch of results in one turn; answers to several
+        streams of this connection then leave in one write instead of one each.
+        """
+        if self._flush_call is None and not self.disconnected:
+            self._flush_call = self.clock.callLater(0, self._flush_later)
+
+    def _flush_later(self) -> None:
+        self._flush_call = None
+        self._flush()
 
     def _send_graceful_goaway(self) -> None:
         self.closing = True

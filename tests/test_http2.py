@@ -167,8 +167,11 @@ class MemoryClient:
 
     def pump(self) -> None:
         """Exchange bytes until both sides are quiet."""
+        clock = getattr(self.server.factory, "clock", None)
         for _ in range(100000):
             moved = False
+            if isinstance(clock, Clock):
+                clock.advance(0)  # answers are flushed at the end of the reactor turn
             data = self.h2.data_to_send()
             if data and not self.transport.disconnecting:
                 self.server.dataReceived(data)
