@@ -366,3 +366,18 @@ async def test_new_connections_spread_over_both_workers(served):
         counts[body] = counts.get(body, 0) + 1
     assert len(counts) == 2, counts
     assert min(counts.values()) >= 40, counts  # an even spread, not one worker taking the burst
+
+
+@pytest_twisted.ensureDeferred
+async def test_https_listener_without_certificate_is_reported_and_others_keep_serving(served):
+    base = served.serve("SELECT omni_httpd.http_response('plain still works') FROM request")
+    mark = served.daemon.mark()
+    listener_id = add_listener(served.dsn, "SELECT omni_httpd.http_response('never') FROM request",
+                               protocol="https")
+    wait_reloads(served.dsn, 1)
+    served.daemon.wait_for(r"listener %d .*not served: https listener needs --tls-cert and --tls-key"
+                           % listener_id, start=mark)
+    assert sql(served.dsn, "SELECT effective_port FROM omni_httpd.listeners WHERE id = %s",
+               (listener_id,)) == [(0,)]
+    response = await treq.get(base + "/", persistent=False)
+    assert await treq.content(response) == b"plain still works"
