@@ -381,3 +381,18 @@ async def test_https_listener_without_certificate_is_reported_and_others_keep_se
                (listener_id,)) == [(0,)]
     response = await treq.get(base + "/", persistent=False)
     assert await treq.content(response) == b"plain still works"
+
+
+def test_listener_moved_to_another_port_is_served_there_only(served):
+    base = served.serve("SELECT omni_httpd.http_response('moved') FROM request")
+    old_port = int(base.rsplit(":", 1)[1])
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    new_port = probe.getsockname()[1]
+    probe.close()
+    sql(served.dsn, "UPDATE omni_httpd.listeners SET port = %s WHERE id = %s", (new_port, served.last_listener))
+    wait_reloads(served.dsn, 1)
+    assert effective_port(served.dsn, served.last_listener) == new_port
+    assert raw(new_port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").endswith(b"moved")
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", old_port), timeout=5).close()
