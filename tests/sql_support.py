@@ -6,6 +6,7 @@ import time
 from typing import List, NamedTuple, Optional, Tuple
 
 import psycopg2
+from daemon_support import wait_until
 
 
 def one(connection, sql: str, params=None):
@@ -95,11 +96,4 @@ def notifications(connection, until_payload: str, timeout: float = 10.0) -> List
 
 def poll_until(predicate, timeout: float = 10.0, interval: float = 0.01):
     """Call ``predicate`` until it returns something true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met within %.0f s" % timeout)
-        time.sleep(interval)
+    return wait_until(predicate, timeout, interval)

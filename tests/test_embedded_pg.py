@@ -8,12 +8,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 
 import psycopg2
 import pytest
 
 from omni_httpd.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError, find_bin_dir
+from daemon_support import wait_until
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,10 +36,7 @@ def _alive(pid):
 
 
 def _wait_until_gone(pid, timeout=30):
-    deadline = time.monotonic() + timeout
-    while _alive(pid):
-        assert time.monotonic() < deadline, "process %d did not exit" % pid
-        time.sleep(0.05)
+    wait_until(lambda: not _alive(pid), timeout, what="exit of process %d" % pid)
 
 
 @pytest.fixture
