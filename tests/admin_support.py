@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import html
 import re
-import time
 from dataclasses import dataclass
 from http.cookiejar import CookieJar
 from typing import Callable, Dict, List, Optional
@@ -14,6 +13,7 @@ from twisted.web.server import Site
 from treq.client import HTTPClient
 
 from omni_httpd.console import AdminConsole
+from daemon_support import reactor_wait_until
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -141,26 +141,7 @@ def run_in_browser(script: Callable, *args, javascript: bool = True) -> defer.De
     return threads.deferToThread(in_thread)
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 20.0,
-             what: str = "condition") -> defer.Deferred:
-    """Fire with predicate()'s first true value, polling on the reactor (no sleeping)."""
-    deadline = time.monotonic() + timeout
-    result = defer.Deferred()
-
-    def poll():
-        try:
-            value = predicate()
-        except Exception:
-            result.errback()
-            return
-        if value:
-            result.callback(value)
-        elif time.monotonic() > deadline:
-            result.errback(AssertionError("timed out waiting for " + what))
-        else:
-            reactor.callLater(0.05, poll)
-    poll()
-    return result
+wait_for = reactor_wait_until
 
 
 __all__ = ["CHROMIUM", "CHROMIUM_ARGS", "ConsoleClient", "FixedState", "Page", "ServedConsole",

@@ -131,6 +131,30 @@ def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05, what: s
         pause.wait(interval)
 
 
+def reactor_wait_until(predicate, timeout: float = 20.0,
+                       what: str = "condition"):
+    """Fire with predicate()'s first true value, polling on the reactor (no sleeping)."""
+    deadline = time.monotonic() + timeout
+    from twisted.internet import defer, reactor
+
+    result = defer.Deferred()
+
+    def poll():
+        try:
+            value = predicate()
+        except Exception:
+            result.errback()
+            return
+        if value:
+            result.callback(value)
+        elif time.monotonic() > deadline:
+            result.errback(AssertionError("timed out waiting for " + what))
+        else:
+            reactor.callLater(0.05, poll)
+    poll()
+    return result
+
+
 def add_listener(dsn: str, query: Optional[str], address: str = "127.0.0.1", protocol: str = "http",
                  role_name: Optional[str] = None) -> int:
     """Create a listener on a free port, with a handler when ``query`` is given, in ONE

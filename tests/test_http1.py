@@ -14,7 +14,7 @@ import pytest_twisted
 import treq
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.address import IPv4Address
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.client import HTTPConnectionPool
@@ -25,6 +25,7 @@ from omni_httpd.httpdate import format_http_date, http_date
 from omni_httpd.request import Request
 from omni_httpd.response import ABORT, Response
 from omni_httpd.settings import Settings
+from daemon_support import reactor_wait_until
 
 PEER = IPv4Address("TCP", "10.1.2.3", 40000)
 
@@ -754,9 +755,10 @@ def test_real_tcp_client_half_closes_after_request():
     try:
         client = _HalfClosingClient(b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n")
         yield protocol.ClientCreator(reactor, lambda: client).connectTCP("127.0.0.1", port.getHost().port)
-        deadline = reactor.seconds() + 10
-        while len(dispatch.deferreds) < 2 and reactor.seconds() < deadline:
-            yield deferLater(reactor, 0.01)
+        # both requests dispatched and the client's half-close seen by the server
+        yield reactor_wait_until(lambda: len(dispatch.deferreds) == 2 and factory.connections
+                                 and not any(c._accepting for c in factory.connections),
+                                 timeout=10, what="two requests and the half-close")
         dispatch.deferreds[1].callback(Response(200, [], b"B"))
         dispatch.deferreds[0].callback(Response(200, [], b"A"))
         yield client.done
