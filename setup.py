@@ -34,6 +34,11 @@ setup(
         "twisted[tls,http2]>=23.10",
         "h2>=4.1",
         "txpostgres>=1.7",
+        # psycopg 3 (libpq, extended protocol) on the workers' DB threads: request values
+        # travel as binary protocol parameters, never inside SQL text, and bytea bodies
+        # as raw bytes. psycopg2 cannot send parameters out of band at all.
+        "psycopg[binary]>=3.1",
+        # psycopg2 for the master's own statements and txpostgres (LISTEN/NOTIFY).
         "psycopg2-binary>=2.9",
         "jinja2>=3.1",
         # llhttp (the C parser behind Node's HTTP) for HTTP/1: twisted.web's parser costs

@@ -1,4 +1,4 @@
-"""The worker's one DB thread and its one psycopg2 connection.
+"""The worker's one DB thread and its one PostgreSQL connection (psycopg 3).
 
 Everything that touches the connection runs on one thread of a one-thread
 `ThreadPool`; the reactor never does. Work reaches that thread in batches: the reactor
@@ -9,9 +9,13 @@ Deferred. Under load that is one thread hand-off per batch instead of one per re
 the biggest single gain measured for this design (docs/architecture.md, "Request
 batching").
 
-The connection is in autocommit mode: each request is one statement
-(``EXECUTE omni_httpd_h<id>(...)``), hence its own transaction, committed when the
-handler succeeds and rolled back when it fails, in one round trip.
+The connection is in autocommit mode: each request is one prepared statement whose
+values travel as binary protocol parameters (handler_call.py), hence its own
+transaction, committed when the handler succeeds and rolled back when it fails, in one
+round trip. What a request may leave in the session is undone after it, and a session
+that a request changed in a way that cannot be undone in place (temporary objects, a
+handler function altered by its role) is reset and its handlers reinstalled before the
+next request runs.
 
 A broken connection makes the job that notices it, and every job after it, fail at once
 with `DatabaseUnavailable` (the caller answers 503) while a reconnect runs on a separate
@@ -25,15 +29,21 @@ import threading
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
-import psycopg2
-import psycopg2.extensions
+import psycopg
+from psycopg import conninfo, pq
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from omni_httpd import handler_call
+from omni_httpd.handler_call import (DatabaseUnavailable, HandlerError, HandlerRow, Installed,
+                                     SessionDirty, error_text, function_name, statement_name)
 from omni_httpd.request import Request
+
+__all__ = ["DBThread", "DatabaseUnavailable", "HandlerError", "HandlerRow", "error_text",
+           "function_name", "statement_name", "CONNECTION_DEFAULTS"]
 
 log = Logger()
 
@@ -53,87 +63,28 @@ CONNECTION_DEFAULTS = {
     "keepalives_idle": "5",
     "keepalives_interval": "2",
     "keepalives_count": "3",
-}
-if psycopg2.extensions.libpq_version() >= 120000:
     # Data the server's kernel does not acknowledge within 10 s means a dead link; a
     # slow handler is not affected (the request itself is acknowledged at once).
-    CONNECTION_DEFAULTS["tcp_user_timeout"] = "10000"
-
-#: The prepared statement calls the handler function with these parameter types.
-_PARAMETER_TYPES = "omni_http.http_method, text, text, bytea, text[], text[]"
-
-HandlerRow = Tuple[str, Optional[int], Optional[List[str]], Optional[List[str]],
-                   Optional[bytes], Optional[str], Optional[bool]]
+    "tcp_user_timeout": "10000",
+}
+if pq.version() < 120000:
+    del CONNECTION_DEFAULTS["tcp_user_timeout"]
 
 
-class DatabaseUnavailable(Exception):
-    """There is no working database connection right now: answer 503.
+def session_options(handler_timeout: float, lock_timeout: float, given: Optional[str]) -> str:
+    """The startup ``options`` of the worker's session.
 
-    The DB thread is already reconnecting by itself.
+    Settings made at connection time are the session's defaults: the RESET ALL that
+    follows every request restores them, whatever a handler SET. The encoding and
+    string syntax are pinned because the daemon relies on them; the timeouts bound
+    every handler. Options in the DSN come after ours (and so win).
     """
-
-
-class HandlerError(Exception):
-    """The handler failed in PostgreSQL (or is not installed): answer 500.
-
-    ``str()`` is the PostgreSQL error text for the log; ``sqlstate`` its code, if any.
-    """
-
-    def __init__(self, message: str, sqlstate: Optional[str] = None):
-        super().__init__(message)
-        self.message = message
-        self.sqlstate = sqlstate
-
-
-def error_text(exc: psycopg2.Error) -> str:
-    """PostgreSQL's message for ``exc``, with its DETAIL and HINT, on one line."""
-    diag = exc.diag
-    primary = diag.message_primary
-    if not primary:
-        return (exc.pgerror or str(exc)).strip() or exc.__class__.__name__
-    text = primary
-    if diag.message_detail:
-        text += " DETAIL: " + diag.message_detail
-    if diag.message_hint:
-        text += " HINT: " + diag.message_hint
-    return text
-
-
-def _quote(value: Optional[str]) -> str:
-    """An SQL literal for ``value``: an E'' string reads the same whatever
-    standard_conforming_strings is (a handler may change it for the session)."""
-    if value is None:
-        return "NULL"
-    if "\x00" in value:
-        # PostgreSQL text cannot hold NUL; the HTTP parsers never produce it.
-        raise HandlerError("request contains a NUL character")
-    return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
-
-
-def _arguments(request: Request) -> str:
-    """The argument list of a handler call, as SQL literals.
-
-    Built here rather than by psycopg2's parameter adaptation, which costs about a third
-    of the DB thread's time per request (two lists of header strings to adapt one by
-    one); the quoting is the same PostgreSQL escape-string syntax psycopg2 relies on.
-    """
-    headers = request.headers
-    if headers:
-        names = "ARRAY[%s]" % ",".join([_quote(name) for name, _ in headers])
-        values = "ARRAY[%s]" % ",".join([_quote(value) for _, value in headers])
-    else:
-        names = values = "'{}'"
-    return "(%s,%s,%s,E'\\\\x%s'::bytea,%s,%s)" % (
-        _quote(request.method), _quote(request.path), _quote(request.query_string),
-        request.body.hex(), names, values)
-
-
-def function_name(handler_id: int, generation: int) -> str:
-    return "omni_httpd_h%d_g%d" % (handler_id, generation)
-
-
-def statement_name(handler_id: int) -> str:
-    return "omni_httpd_h%d" % handler_id
+    settings = ["-c client_encoding=UTF8", "-c standard_conforming_strings=on",
+                "-c statement_timeout=%d" % max(0, int(handler_timeout * 1000)),
+                "-c lock_timeout=%d" % max(0, int(lock_timeout * 1000))]
+    if given:
+        settings.append(given)
+    return " ".join(settings)
 
 
 class DBThread:
@@ -144,18 +95,20 @@ class DBThread:
     """
 
     def __init__(self, dsn: str, reactor=None, handler_timeout: float = 0,
+                 lock_timeout: float = 0,
                  application_name: str = "omni_httpd worker",
                  reconnect_delays: Tuple[float, float] = (0.1, 5.0)):
         if reactor is None:
             from twisted.internet import reactor
         self._reactor = reactor
         self._dsn = dsn
-        self._handler_timeout = handler_timeout
         self._min_delay, self._max_delay = reconnect_delays
-        given = psycopg2.extensions.parse_dsn(dsn)
-        self._connect_args = {k: v for k, v in CONNECTION_DEFAULTS.items() if k not in given}
+        given = conninfo.conninfo_to_dict(dsn)
+        connect_args = {k: v for k, v in CONNECTION_DEFAULTS.items() if k not in given}
         if "application_name" not in given:
-            self._connect_args["application_name"] = application_name
+            connect_args["application_name"] = application_name
+        connect_args["options"] = session_options(handler_timeout, lock_timeout, given.get("options"))
+        self._conninfo = conninfo.make_conninfo(dsn, **connect_args)
 
         self._pool = ThreadPool(1, 1, name="omni_httpd-db")
         # Connecting happens beside the DB thread, so jobs keep failing fast meanwhile.
@@ -178,10 +131,8 @@ class DBThread:
         self._stopped: Optional[Deferred] = None
 
         # DB thread only (and the connector thread before a connection is adopted).
-        self._conn = None
-        self._cur = None
-        self._statements: Dict[int, str] = {}    # handler id -> EXECUTE text
-        self._functions: Dict[int, str] = {}     # handler id -> pg_temp function name
+        self._conn: Optional[psycopg.Connection] = None
+        self._installed: Dict[int, Installed] = {}   # handler id -> function and statement
         self._broken: Dict[int, str] = {}        # handler id -> install error
         self._wanted: Optional[Tuple[int, Dict[int, Tuple[str, str]]]] = None
 
@@ -410,49 +361,77 @@ class DBThread:
         return self.submit(self._apply, int(generation), handlers)
 
     @property
-    def connection(self):
-        """The psycopg2 connection (DB thread only; None while disconnected)."""
+    def connection(self) -> Optional[psycopg.Connection]:
+        """The psycopg connection (DB thread only; None while disconnected)."""
         return self._conn
 
     def _run(self, handler_id: int, request: Request) -> Optional[HandlerRow]:
-        cur = self._cur
-        if cur is None:
+        conn = self._conn
+        if conn is None:
             raise DatabaseUnavailable("no database connection")
-        statement = self._statements.get(handler_id)
-        if statement is None:
+        installed = self._installed.get(handler_id)
+        if installed is None:
             raise HandlerError(self._broken.get(handler_id)
                                or "handler %d is not installed" % handler_id)
         try:
-            cur.execute(statement + _arguments(request))
-            row = cur.fetchone()
-        except psycopg2.Error as exc:
+            try:
+                return handler_call.call(conn, installed, request, len(self._installed))
+            except SessionDirty as exc:
+                # Nothing of the handler ran: reset the session, then run it once more.
+                self._reset(str(exc))
+                installed = self._installed.get(handler_id)
+                if installed is None:
+                    raise HandlerError(self._broken.get(handler_id)
+                                       or "handler %d is not installed" % handler_id) from None
+                return handler_call.call(conn, installed, request, len(self._installed))
+        except SessionDirty as exc:
+            self._reset(str(exc))
+            raise HandlerError(str(exc)) from None
+        except DatabaseUnavailable:
+            self._drop_connection()
+            raise
+        except psycopg.Error as exc:
             self._check_connection(exc)
-            raise HandlerError(error_text(exc), exc.pgcode) from None
-        if row is None:
-            return None
-        body = row[4]
-        if body is not None:
-            row = row[:4] + (bytes(body),) + row[5:]
-        return row
+            raise HandlerError(error_text(exc), exc.sqlstate) from None
+
+    def _reset(self, reason: str) -> None:
+        """DB thread: drop everything the session holds; reinstall the configuration."""
+        log.warn("resetting the database session ({reason}); reinstalling {count} handlers",
+                 reason=reason, count=len(self._installed))
+        try:
+            handler_call.reset_session(self._conn)
+        except psycopg.Error as exc:
+            self._check_connection(exc)
+            raise HandlerError(error_text(exc), exc.sqlstate) from None
+        self._installed, self._broken = {}, {}
+        if self._wanted is not None:
+            self._install(*self._wanted)
 
     def _apply(self, generation: int, handlers: Dict[int, Tuple[str, str]]) -> Dict[int, str]:
         self._wanted = (generation, handlers)
-        if self._cur is None:
+        if self._conn is None:
             raise DatabaseUnavailable("no database connection; configuration %d will be "
                                       "installed on reconnect" % generation)
+        try:
+            clean = handler_call.temporary_objects(self._conn) == len(self._installed)
+        except psycopg.Error as exc:
+            self._check_connection(exc)
+            clean = False
+        if not clean:
+            # Describing and creating handlers must not see what a request left behind.
+            self._reset("a request left temporary objects in the session")
+            return dict(self._broken)
         return self._install(generation, handlers)
 
     def _install(self, generation: int, handlers: Dict[int, Tuple[str, str]]) -> Dict[int, str]:
         errors: Dict[int, str] = {}
-        for handler_id in [h for h in self._functions if h not in handlers]:
-            self._uninstall(handler_id)
-        for handler_id in [h for h in self._statements if h not in handlers]:
+        for handler_id in [h for h in self._installed if h not in handlers]:
             self._uninstall(handler_id)
         self._broken = {h: e for h, e in self._broken.items() if h in handlers}
         for handler_id, (query, role_name) in sorted(handlers.items()):
             try:
                 self._install_one(handler_id, generation, query, role_name)
-            except psycopg2.Error as exc:
+            except psycopg.Error as exc:
                 self._check_connection(exc)
                 message = error_text(exc)
                 errors[handler_id] = message
@@ -464,62 +443,51 @@ class DBThread:
         return errors
 
     def _install_one(self, handler_id: int, generation: int, query: str, role_name: str) -> None:
-        cur = self._cur
-        name = function_name(handler_id, generation)
-        if self._functions.get(handler_id) == name:
-            # Same generation applied again (e.g. after a reconnect): replace it.
-            self._uninstall(handler_id)
-        cur.execute("SELECT omni_httpd._install_handler(%s, %s, %s)", (name, query, role_name))
-        old = self._functions.get(handler_id)
-        self._functions[handler_id] = name
-        self._deallocate(handler_id)
-        cur.execute("PREPARE %s (%s) AS SELECT * FROM pg_temp.%s($1, $2, $3, $4, $5, $6)"
-                    % (statement_name(handler_id), _PARAMETER_TYPES, name))
-        self._statements[handler_id] = (
-            "EXECUTE %s" % statement_name(handler_id))
+        conn = self._conn
+        old = self._installed.pop(handler_id, None)
+        if old is not None:
+            self._quietly(handler_call.deallocate, conn, old.statement)
+            if old.function == function_name(handler_id, generation):
+                # Same generation applied again (e.g. after a reconnect): replace it.
+                self._quietly(handler_call.drop_function, conn, old.function)
+                old = None
+        self._installed[handler_id] = handler_call.install(conn, handler_id, generation, query, role_name)
         self._broken.pop(handler_id, None)
         if old is not None:
-            self._quietly("DROP FUNCTION IF EXISTS pg_temp.%s" % old)
-
-    def _deallocate(self, handler_id: int) -> None:
-        if self._statements.pop(handler_id, None) is not None:
-            self._quietly("DEALLOCATE %s" % statement_name(handler_id))
+            self._quietly(handler_call.drop_function, conn, old.function)
 
     def _uninstall(self, handler_id: int) -> None:
-        self._deallocate(handler_id)
-        name = self._functions.pop(handler_id, None)
-        if name is not None:
-            self._quietly("DROP FUNCTION IF EXISTS pg_temp.%s" % name)
+        installed = self._installed.pop(handler_id, None)
+        if installed is not None:
+            self._quietly(handler_call.deallocate, self._conn, installed.statement)
+            self._quietly(handler_call.drop_function, self._conn, installed.function)
 
-    def _quietly(self, statement: str) -> None:
+    def _quietly(self, statement: Callable, *args) -> None:
         """Run our own clean-up statement; only a lost connection is worth raising."""
         try:
-            self._cur.execute(statement)
-        except psycopg2.Error as exc:
+            statement(*args)
+        except psycopg.Error as exc:
             self._check_connection(exc)
-            log.warn("{statement} failed: {error}", statement=statement, error=error_text(exc))
+            log.warn("{statement} failed: {error}", statement=statement.__name__, error=error_text(exc))
 
     # -- connection (DB thread, connector thread) -----------------------------------
 
-    def _connect(self):
+    def _connect(self) -> psycopg.Connection:
         """Connector thread: a new, configured connection not yet seen by anyone."""
         try:
-            conn = psycopg2.connect(self._dsn, **self._connect_args)
-        except psycopg2.Error as exc:
+            conn = psycopg.connect(self._conninfo, autocommit=True)
+        except psycopg.Error as exc:
             raise DatabaseUnavailable(error_text(exc)) from None
+        # psycopg must not prepare statements of its own: a session reset drops them.
+        conn.prepare_threshold = None
         try:
-            conn.autocommit = True
-            if self._handler_timeout and self._handler_timeout > 0:
-                with conn.cursor() as cur:
-                    # Session level, once per connection: no extra round trip per request.
-                    cur.execute("SET statement_timeout = %s",
-                                (max(1, int(self._handler_timeout * 1000)),))
-        except psycopg2.Error as exc:
+            handler_call.prepare_session(conn)
+        except psycopg.Error as exc:
             conn.close()
             raise DatabaseUnavailable(error_text(exc)) from None
         return conn
 
-    def _adopt(self, conn) -> Dict[int, str]:
+    def _adopt(self, conn: psycopg.Connection) -> Dict[int, str]:
         """DB thread: make ``conn`` the connection, installing the current configuration."""
         if self._state != "running":
             conn.close()
@@ -527,31 +495,31 @@ class DBThread:
         if self._conn is not None:
             self._conn.close()
         self._conn = conn
-        self._cur = conn.cursor()
-        self._statements, self._functions, self._broken = {}, {}, {}
+        self._installed, self._broken = {}, {}
         if self._wanted is None:
             return {}
         return self._install(*self._wanted)
 
-    def _check_connection(self, exc: psycopg2.Error) -> None:
+    def _check_connection(self, exc: psycopg.Error) -> None:
         """After an error: if the connection is gone, drop it and raise DatabaseUnavailable."""
-        if self._conn is not None and not self._conn.closed:
+        conn = self._conn
+        if conn is not None and not conn.broken and conn.pgconn.status == pq.ConnStatus.OK:
             return
         self._drop_connection()
         raise DatabaseUnavailable(error_text(exc)) from None
 
     def _drop_connection(self) -> None:
-        conn, self._conn, self._cur = self._conn, None, None
-        self._statements, self._functions, self._broken = {}, {}, {}
+        conn, self._conn = self._conn, None
+        self._installed, self._broken = {}, {}
         if conn is not None:
             try:
                 conn.close()
-            except psycopg2.Error:
+            except psycopg.Error:
                 pass
         self._reactor.callFromThread(self._connection_lost)
 
     def _close(self) -> None:
-        conn, self._conn, self._cur = self._conn, None, None
+        conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
 

@@ -38,5 +38,6 @@ class Settings:
     idle_timeout: float = 60.0                 # keep-alive idle connection limit
     body_timeout: float = 60.0                 # a body must keep arriving
     shutdown_grace: float = 10.0               # SIGTERM: how long in-flight requests may run
-    handler_timeout: float = 0.0               # statement_timeout for handlers, 0 = none
+    handler_timeout: float = 30.0              # statement_timeout for handlers, 0 = none
+    handler_lock_timeout: float = 5.0          # lock_timeout for handlers, 0 = none
     access_log: bool = True

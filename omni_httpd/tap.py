@@ -198,6 +198,9 @@ PARAMETERS: Dict[str, Tuple[str, Callable[[str], Any], str]] = {
     "handler-timeout": ("handler_timeout", _seconds,
                         "statement_timeout of handler queries in seconds, 0 for none. Default: %g."
                         % _DEFAULTS.handler_timeout),
+    "handler-lock-timeout": ("handler_lock_timeout", _seconds,
+                             "lock_timeout of handler queries in seconds, 0 for none. Default: %g."
+                             % _DEFAULTS.handler_lock_timeout),
 }
 
 # flag name -> (Settings field, value when given, help text)

@@ -55,6 +55,7 @@ class Worker:
         settings = self.settings
         self.scoreboard = Scoreboard(os.path.join(self.run_dir, "scoreboard"), settings.http_workers)
         self.dbthread = DBThread(self.dsn, reactor=self.reactor, handler_timeout=settings.handler_timeout,
+                                 lock_timeout=settings.handler_lock_timeout,
                                  application_name="omni_httpd worker %d" % self.slot)
         self.dbthread.on_busy_change(lambda busy: self.scoreboard.set_busy(self.slot, busy))
         try:

@@ -332,7 +332,7 @@ async def test_old_generations_are_dropped(make_db):
             cur.execute("SELECT proname FROM pg_proc WHERE pronamespace = pg_my_temp_schema() "
                         "AND proname LIKE 'omni_httpd_h%' ORDER BY 1")
             functions = [r[0] for r in cur.fetchall()]
-            cur.execute("SELECT name FROM pg_prepared_statements ORDER BY 1")
+            cur.execute("SELECT name FROM pg_prepared_statements WHERE name LIKE 'omni_httpd_h%' ORDER BY 1")
             return functions, [r[0] for r in cur.fetchall()]
 
     assert await db.submit(functions) == (["omni_httpd_h1_g3"], ["omni_httpd_h1"])
@@ -342,7 +342,7 @@ async def test_old_generations_are_dropped(make_db):
 
 
 def backend_pid(db):
-    return db.submit(lambda: db.connection.get_backend_pid())
+    return db.submit(lambda: db.connection.info.backend_pid)
 
 
 @pytest_twisted.ensureDeferred

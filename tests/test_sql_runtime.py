@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import psycopg2
 import psycopg2.errors
+import psycopg
 import pytest
 
 from sql_support import HandlerRow, call, execute, install, one, rows
@@ -333,9 +334,12 @@ def test_installed_function_is_a_security_definer_in_pg_temp(db):
 
 
 def test_installed_function_can_be_prepared_and_replaced(db):
-    install(db, "SELECT 'one'")
-    execute(db, "PREPARE h AS SELECT * FROM pg_temp.handler($1, $2, $3, $4, $5, $6)")
-    run = "EXECUTE h('GET', '/', NULL, '', '{}', '{}')"
-    assert bytes(rows(db, run)[0][4]) == b"one"
-    install(db, "SELECT 'two'")
-    assert bytes(rows(db, run)[0][4]) == b"two"
+    # Prepared at the protocol level, as the worker does (a handler's own session must
+    # not keep SQL-level PREPAREs: the function deallocates those after each request).
+    with psycopg.connect(db.dsn, autocommit=True) as conn:
+        conn.execute("SELECT omni_httpd._install_handler('handler', %s, NULL)", ("SELECT 'one'",))
+        run = "SELECT * FROM pg_temp.handler(%s, %s, %s, %s, %s, %s)"
+        args = ("GET", "/", None, b"", [], [])
+        assert conn.execute(run, args, prepare=True).fetchone()[4] == b"one"
+        conn.execute("SELECT omni_httpd._install_handler('handler', %s, NULL)", ("SELECT 'two'",))
+        assert conn.execute(run, args, prepare=True).fetchone()[4] == b"two"

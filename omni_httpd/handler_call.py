@@ -1,0 +1,312 @@
+"""How the daemon installs and calls a handler function (psycopg 3, libpq directly).
+
+Used by the worker's DB thread and by the console's try-a-request, so both run a
+handler exactly the same way (docs/architecture.md, "Executing a handler"):
+
+- `install` learns the query's column types from the protocol's Parse/Describe, run
+  under the handler's role and search_path. PostgreSQL refuses more than one statement
+  in a Parse and executes nothing, so no text of the handler runs with the daemon's
+  privileges. Then ``omni_httpd._install_handler`` creates the SECURITY DEFINER function
+  and the call is prepared.
+- `call` sends the request's values as binary protocol parameters (never as SQL text)
+  and reads the one binary result row. The statement checks, before the handler
+  function runs, that the function is still the one installed and that no earlier
+  request left temporary objects (SQLSTATE OH002/OH003: `SessionDirty`).
+- `after_failure` undoes what a failed request may leave in the session (session
+  advisory locks, SQL prepared statements, sequence caches); after a success the
+  handler function itself did that.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import psycopg
+from psycopg import pq, sql
+
+from omni_httpd.request import Request
+
+#: (kind, status, header_names, header_values, body, proxy_url, preserve_host)
+HandlerRow = Tuple[str, Optional[int], Optional[List[str]], Optional[List[str]],
+                   Optional[bytes], Optional[str], Optional[bool]]
+
+#: The columns a handler query is described with: `request` as the function sees it.
+_PROBE_REQUEST = ("SELECT NULL::omni_http.http_method AS method, NULL::pg_catalog.text AS path, "
+                  "NULL::pg_catalog.text AS query_string, NULL::pg_catalog.bytea AS body, "
+                  "NULL::omni_http.http_header[] AS headers")
+
+_BINARY = [1] * 7
+_INT4 = struct.Struct("!i")
+_ARRAY_HEADER = struct.Struct("!iiIii")       # ndim, has nulls, element type, length, lower bound
+_EMPTY_TEXT_ARRAY = struct.pack("!iiI", 0, 0, 25)
+_AFTER_FAILURE = b"omni_httpd_after_request"
+
+#: Our SQLSTATEs from omni_httpd._before_request: handler function changed / temporary
+#: objects left in the session. Nothing of the handler has run.
+DIRTY_STATES = frozenset([b"OH002", b"OH003"])
+
+
+class DatabaseUnavailable(Exception):
+    """There is no working database connection right now: answer 503.
+
+    The DB thread is already reconnecting by itself.
+    """
+
+
+class HandlerError(Exception):
+    """The handler failed in PostgreSQL (or is not installed): answer 500.
+
+    ``str()`` is the PostgreSQL error text for the log; ``sqlstate`` its code, if any.
+    """
+
+    def __init__(self, message: str, sqlstate: Optional[str] = None):
+        super().__init__(message)
+        self.message = message
+        self.sqlstate = sqlstate
+
+
+class SessionDirty(Exception):
+    """The session must be reset (DISCARD ALL, handlers reinstalled) before it serves."""
+
+
+@dataclass(frozen=True)
+class Installed:
+    """A handler function installed in the session, and its prepared call."""
+
+    function: str
+    statement: bytes
+
+
+def error_text(exc: psycopg.Error) -> str:
+    """PostgreSQL's message for ``exc``, with its DETAIL and HINT, on one line."""
+    diag = exc.diag
+    primary = diag.message_primary
+    if not primary:
+        return str(exc).strip() or exc.__class__.__name__
+    return _join(primary, diag.message_detail, diag.message_hint)
+
+
+def result_error_text(res: pq.abc.PGresult) -> str:
+    field = pq.DiagnosticField
+    primary = res.error_field(field.MESSAGE_PRIMARY)
+    if not primary:
+        return (res.error_message or b"").decode("utf-8", "replace").strip() or "unknown error"
+
+    def text(value):
+        return value.decode("utf-8", "replace") if value else None
+
+    return _join(text(primary), text(res.error_field(field.MESSAGE_DETAIL)),
+                 text(res.error_field(field.MESSAGE_HINT)))
+
+
+def _join(primary: str, detail: Optional[str], hint: Optional[str]) -> str:
+    text = primary
+    if detail:
+        text += " DETAIL: " + detail
+    if hint:
+        text += " HINT: " + hint
+    return text
+
+
+def function_name(handler_id: int, generation: int) -> str:
+    return "omni_httpd_h%d_g%d" % (handler_id, generation)
+
+
+def statement_name(handler_id: int) -> bytes:
+    return b"omni_httpd_h%d" % handler_id
+
+
+# -- installing (blocking; one connection, one thread) ----------------------------------
+
+def column_types(conn: psycopg.Connection, query: str, role_name: Optional[str]) -> List[int]:
+    """The type oids of what ``query`` returns with `request` in scope, running nothing.
+
+    Raises psycopg errors as PostgreSQL reports them (more than one statement, an
+    invalid query, a role the daemon cannot become).
+    """
+    wrapped, returns_rows = conn.execute(
+        "SELECT w.wrapped, w.returns_rows FROM omni_httpd._wrap_handler_query(%s, %s, NULL) w",
+        (query, _PROBE_REQUEST)).fetchone()
+    text = wrapped + ("SELECT * FROM omni_httpd_handler" if returns_rows else "SELECT")
+    conn.execute("SELECT pg_catalog.set_config('search_path', omni_httpd._handler_search_path(), false)")
+    try:
+        if role_name is not None:
+            conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role_name)))
+        pgconn = conn.pgconn
+        _check(conn, pgconn.prepare(b"", text.encode("utf-8")))
+        described = _check(conn, pgconn.describe_prepared(b""))
+        return [described.ftype(i) for i in range(described.nfields)]
+    finally:
+        if not conn.broken:
+            conn.execute("RESET ROLE; RESET search_path")
+
+
+def install(conn: psycopg.Connection, handler_id: int, generation: int, query: str,
+            role_name: Optional[str]) -> Installed:
+    """Create handler ``handler_id``'s function for ``generation`` and prepare its call.
+
+    The caller deallocates a previous statement of the same handler first.
+    """
+    name = function_name(handler_id, generation)
+    types = column_types(conn, query, role_name)
+    oid, xmin = conn.execute(
+        "SELECT i.function_oid::pg_catalog.int8, i.function_xmin::pg_catalog.text "
+        "FROM omni_httpd._install_handler(%s, %s, %s, %s::pg_catalog.oid[]::pg_catalog.regtype[]) i",
+        (name, query, role_name, types)).fetchone()
+    statement = statement_name(handler_id)
+    call_text = sql.SQL(
+        "SELECT * FROM pg_temp.{}(omni_httpd._before_request($1, {}::pg_catalog.oid, {}::pg_catalog.xid, $7), "
+        "$2, $3, $4, $5, $6) WITH ORDINALITY").format(sql.Identifier(name), sql.Literal(int(oid)),
+                                                      sql.Literal(str(int(xmin))))
+    _check(conn, conn.pgconn.prepare(statement, call_text.as_bytes(conn)))
+    return Installed(name, statement)
+
+
+def drop_function(conn: psycopg.Connection, name: str) -> None:
+    conn.execute(sql.SQL("DROP FUNCTION IF EXISTS pg_temp.{}").format(sql.Identifier(name)))
+
+
+def deallocate(conn: psycopg.Connection, statement: bytes) -> None:
+    conn.execute(sql.SQL("DEALLOCATE {}").format(sql.Identifier(statement.decode())))
+
+
+def prepare_session(conn: psycopg.Connection) -> None:
+    """Prepare the daemon's own per-session statements (after connecting or a reset)."""
+    _check(conn, conn.pgconn.prepare(_AFTER_FAILURE, b"SELECT omni_httpd._after_request()"))
+
+
+def temporary_objects(conn: psycopg.Connection) -> int:
+    """How many objects the session's temporary schema holds."""
+    return conn.execute(
+        "SELECT pg_catalog.count(*)::pg_catalog.int4 FROM pg_catalog.pg_depend d "
+        "WHERE d.refclassid = 'pg_catalog.pg_namespace'::pg_catalog.regclass "
+        "AND d.refobjid = pg_catalog.pg_my_temp_schema() AND d.refobjsubid = 0").fetchone()[0]
+
+
+def reset_session(conn: psycopg.Connection) -> None:
+    """Everything a session can hold, dropped: ours is reinstalled by the caller."""
+    conn.execute("DISCARD ALL")
+    prepare_session(conn)
+
+
+def _check(conn: psycopg.Connection, res: pq.abc.PGresult) -> pq.abc.PGresult:
+    if res.status in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK):
+        return res
+    if conn.pgconn.status == pq.ConnStatus.BAD:
+        raise psycopg.OperationalError(result_error_text(res))
+    sqlstate = (res.error_field(pq.DiagnosticField.SQLSTATE) or b"XX000").decode()
+    try:
+        error_class = psycopg.errors.lookup(sqlstate)
+    except KeyError:
+        error_class = psycopg.DatabaseError
+    raise error_class(result_error_text(res), info=res)
+
+
+# -- calling (the per-request hot path) -------------------------------------------------
+
+def text_array(values: Sequence[str]) -> bytes:
+    """A text[] in PostgreSQL's binary array format."""
+    if not values:
+        return _EMPTY_TEXT_ARRAY
+    parts = [_ARRAY_HEADER.pack(1, 0, 25, len(values), 1)]
+    pack = _INT4.pack
+    for value in values:
+        data = value.encode("utf-8")
+        parts.append(pack(len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def _text(value: Optional[str]) -> Optional[bytes]:
+    if value is None:
+        return None
+    if "\x00" in value:
+        # PostgreSQL text cannot hold NUL; the HTTP parsers never produce it.
+        raise HandlerError("request contains a NUL character")
+    return value.encode("utf-8")
+
+
+def parameters(request: Request, own_objects: int) -> List[Optional[bytes]]:
+    """The call's seven binary parameters for ``request``."""
+    headers = request.headers
+    names = [name for name, _ in headers]
+    values = [value for _, value in headers]
+    for value in values:
+        if "\x00" in value:
+            raise HandlerError("request contains a NUL character")
+    return [_text(request.method), _text(request.path), _text(request.query_string), request.body,
+            text_array(names), text_array(values), _INT4.pack(own_objects)]
+
+
+def read_text_array(data: Optional[bytes]) -> Optional[List[str]]:
+    """A one-dimensional text[] from PostgreSQL's binary array format."""
+    if data is None:
+        return None
+    ndim = _INT4.unpack_from(data, 0)[0]
+    if ndim == 0:
+        return []
+    count = _INT4.unpack_from(data, 12)[0]
+    offset = 12 + 8 * ndim
+    unpack = _INT4.unpack_from
+    items: List[str] = []
+    for _ in range(count):
+        length = unpack(data, offset)[0]
+        offset += 4
+        if length < 0:
+            items.append(None)
+            continue
+        items.append(data[offset:offset + length].decode("utf-8"))
+        offset += length
+    return items
+
+
+def read_row(res: pq.abc.PGresult) -> Optional[HandlerRow]:
+    """The handler result row of a successful call (binary results), or None for no row."""
+    if res.ntuples == 0:
+        return None
+    value = res.get_value
+    kind = value(0, 0)
+    status = value(0, 1)
+    proxy_url = value(0, 5)
+    preserve_host = value(0, 6)
+    body = value(0, 4)
+    return (kind.decode("utf-8") if kind is not None else None,
+            _INT4.unpack(status)[0] if status is not None else None,
+            read_text_array(value(0, 2)), read_text_array(value(0, 3)),
+            bytes(body) if body is not None else None,
+            proxy_url.decode("utf-8") if proxy_url is not None else None,
+            preserve_host == b"\x01" if preserve_host is not None else None)
+
+
+def call(conn: psycopg.Connection, installed: Installed, request: Request,
+         own_objects: int) -> Optional[HandlerRow]:
+    """Run the handler for ``request``: one round trip when it succeeds.
+
+    Raises `SessionDirty` (nothing ran), `HandlerError` (the handler failed; the session
+    has been cleaned) or `DatabaseUnavailable` (the connection is gone).
+    """
+    pgconn = conn.pgconn
+    res = pgconn.exec_prepared(installed.statement, parameters(request, own_objects), _BINARY, 1)
+    if res.status == pq.ExecStatus.TUPLES_OK:
+        return read_row(res)
+    if pgconn.status == pq.ConnStatus.BAD:
+        raise DatabaseUnavailable(result_error_text(res))
+    sqlstate = res.error_field(pq.DiagnosticField.SQLSTATE)
+    if sqlstate in DIRTY_STATES:
+        raise SessionDirty(result_error_text(res))
+    message = result_error_text(res)
+    after_failure(conn)
+    raise HandlerError(message, sqlstate.decode() if sqlstate else None)
+
+
+def after_failure(conn: psycopg.Connection) -> None:
+    """Undo what a failed request can leave behind a rollback."""
+    pgconn = conn.pgconn
+    res = pgconn.exec_prepared(_AFTER_FAILURE, [])
+    if res.status == pq.ExecStatus.TUPLES_OK:
+        return
+    if pgconn.status == pq.ConnStatus.BAD:
+        raise DatabaseUnavailable(result_error_text(res))
+    # Our own function failing means the session can no longer be trusted.
+    raise SessionDirty(result_error_text(res))
