@@ -1,7 +1,13 @@
-"""proxy.forward against a real upstream (a twisted.web Site on 127.0.0.1)."""
+"""The proxy outcome: proxy.forward against a real upstream (a twisted.web Site on
+127.0.0.1), then the real daemon (twistd, workers, admin console) against upstreams that
+live in this process."""
+import contextlib
+import socket
+
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
+import treq
+from twisted.internet import protocol, reactor, threads
 from twisted.internet.defer import Deferred
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
@@ -9,6 +15,8 @@ from twisted.web.server import NOT_DONE_YET, Site
 from omni_httpd import proxy
 from omni_httpd.request import Request
 from omni_httpd.settings import Settings
+from conftest import _drop_database, create_database, dsn_for
+from daemon_support import Daemon, add_listener, effective_port, sql, wait_reloads
 
 
 class Upstream(Resource):
@@ -246,16 +254,6 @@ def test_address_rules_are_checked():
 
 
 # --- the real daemon: twistd, its workers and console, an upstream in this process -------
-
-import contextlib
-import re
-import socket
-
-import treq
-from twisted.internet import protocol, threads
-
-from conftest import _drop_database, create_database, dsn_for
-from daemon_support import Daemon, add_listener, effective_port, sql, wait_reloads, wait_until
 
 ADMIN_PASSWORD = "proxy test password"
 
