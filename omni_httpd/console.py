@@ -12,8 +12,11 @@ from __future__ import annotations
 import datetime
 import functools
 import importlib.util
+import ipaddress
 import json
 import os
+import re
+import time
 from typing import Any, List, Optional, Tuple
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
@@ -23,12 +26,14 @@ from twisted.web import pages, resource, static
 from werkzeug.exceptions import HTTPException, NotFound
 
 from omni_httpd import console_db as db
+from omni_httpd import proxy
 from omni_httpd.console_auth import (COOKIE_NAME, AdminPassword, LoginThrottle, Sessions,
-                                     verify_in_thread)
+                                     verify_in_thread, write_private_file)
 from omni_httpd.console_db import ConsoleDatabase, DatabaseProblem
 from omni_httpd.outcome import ProxyOutcome, response_from_row
 from omni_httpd.request import METHODS, normalize_path
 from omni_httpd.response import REASONS
+from omni_httpd.settings import Settings
 
 log = Logger()
 
@@ -65,14 +70,78 @@ class _StaticFiles(static.File):
         return pages.notFound()
 
 
-class _SecurityHeaders(resource.Resource):
-    """Headers every console response carries, error pages and static files included."""
+def _is_localhost_name(name: str) -> bool:
+    """Names that mean this machine's loopback interface (RFC 6761 6.3: ``localhost`` and
+    ``*.localhost``): resolved locally, no outside DNS can point them elsewhere."""
+    return name == "localhost" or name.endswith(".localhost")
+
+
+def parse_host_header(value: str) -> Optional[str]:
+    """``Host`` -> the host part, lower-cased, without brackets or final dot; None if it
+    is not a well-formed ``host[:port]``."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        host, bracket, rest = value[1:].partition("]")
+        if not bracket or (rest and not re.match(r"^:\d{0,5}$", rest)):
+            return None
+        try:
+            return str(ipaddress.IPv6Address(host))
+        except ValueError:
+            return None
+    host, _colon, port = value.partition(":")
+    if port and not port.isdigit():
+        return None
+    host = host.rstrip(".")
+    if not host or not re.match(r"^[a-z0-9_.-]+$", host):
+        return None
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host
+
+
+class HostCheck:
+    """Which ``Host`` names the console answers to (the defence against DNS rebinding).
+
+    A page on a name the attacker controls, re-pointed at 127.0.0.1, reaches the
+    console with the attacker's name in ``Host``: only names this console is really
+    reachable as are served. Those are the address the connection came in on (as an IP
+    literal), ``localhost``/``*.localhost`` when that address is loopback (or the
+    endpoint is a UNIX socket), and the ``--admin-host`` names. The port is not
+    checked: a proxy in front may publish the console on another one.
+    """
+
+    def __init__(self, extra_names: str = ""):
+        self.extra = {name for name in extra_names.split(",") if name}
+
+    def allows(self, host: str, local_address) -> bool:
+        if host in self.extra:
+            return True
+        local = getattr(local_address, "host", None)
+        if local is None:                   # UNIX socket: only reachable from this host
+            return _is_localhost_name(host)
+        try:
+            ip = ipaddress.ip_address(local.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if host == str(ip):
+            return True
+        return ip.is_loopback and _is_localhost_name(host)
+
+
+class _Guard(resource.Resource):
+    """In front of every console response (error pages and static files included):
+    security headers, the Host check, and refusing requests our own proxy forwarded."""
 
     isLeaf = True
 
-    def __init__(self, wrapped: resource.Resource):
+    def __init__(self, wrapped: resource.Resource, hosts: HostCheck, settings: Settings):
         super().__init__()
         self._wrapped = wrapped
+        self._hosts = hosts
+        self._settings = settings
 
     def render(self, request):
         request.setHeader(b"content-security-policy",
@@ -81,7 +150,55 @@ class _SecurityHeaders(resource.Resource):
         request.setHeader(b"x-content-type-options", b"nosniff")
         request.setHeader(b"referrer-policy", b"same-origin")
         request.setHeader(b"cache-control", b"no-store")
+        values = request.requestHeaders.getRawHeaders(b"host") or []
+        if len(values) != 1:
+            return self._refuse(request, 400, "Bad request: exactly one Host header is required.")
+        raw = values[0].decode("latin-1")
+        host = parse_host_header(raw)
+        if host is None:
+            return self._refuse(request, 400, "Bad request: malformed Host header.")
+        if not self._hosts.allows(host, request.getHost()):
+            self._log_refused_host(raw, request)
+            return self._refuse(request, 421, "Misdirected request: this console does not "
+                                "answer to the name %r. An operator can add it with "
+                                "--admin-host." % host)
+        via = [("via", v.decode("latin-1"))
+               for v in request.requestHeaders.getRawHeaders(b"via") or []]
+        if via and proxy.proxied_by_us(via, self._settings):
+            # A handler's proxy outcome pointed at the console: SQL authors must not get
+            # a way in (or a password-guessing channel) through the daemon itself.
+            log.warn("admin console: refused a request proxied by one of this daemon's "
+                     "handlers (from {peer})", peer=_peer(request))
+            return self._refuse(request, 403, "Forbidden: requests proxied by this "
+                                "daemon's own handlers are not served by its console.")
         return self._wrapped.render(request)
+
+    #: A rebinding page can send requests in a loop: one log line per this many seconds.
+    REFUSED_LOG_INTERVAL = 60.0
+    _refused_logged = float("-inf")
+    _refused_since = 0
+
+    def _log_refused_host(self, raw: str, request) -> None:
+        now = time.monotonic()
+        if now - self._refused_logged < self.REFUSED_LOG_INTERVAL:
+            self._refused_since += 1
+            return
+        log.warn("admin console: refused a request for Host {host!r} from {peer} (not a "
+                 "name of this console; see --admin-host){more}", host=raw, peer=_peer(request),
+                 more=" and %d more since the last such line" % self._refused_since
+                 if self._refused_since else "")
+        self._refused_logged, self._refused_since = now, 0
+
+    @staticmethod
+    def _refuse(request, status: int, message: str) -> bytes:
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return (message + "\n").encode("utf-8")
+
+
+def _peer(request) -> str:
+    address = request.getClientAddress()
+    return getattr(address, "host", None) or str(address)
 
 
 def _arg(request, name: str) -> str:
@@ -182,23 +299,41 @@ class AdminConsole:
     ``state`` answers ``workers()``, ``listeners()`` and ``last_reload()`` (see
     docs/architecture.md); ``dsn`` is where the console reads and edits the
     configuration, with its own connections. ``generated_password`` is set when neither
-    ``password`` nor ``password_file`` is given: the master logs it once (it is dropped
-    at the first successful login; the console itself keeps only its argon2 hash).
+    ``password`` nor ``password_file`` is given (it is dropped at the first successful
+    login; the console itself keeps only its argon2 hash). With ``settings`` (the
+    master's) such a password is also written to ``<data-dir>/admin-password``, mode
+    0600, whose path is ``generated_password_file``: the master logs that path, never the
+    password (logs are often readable by many). ``settings`` also gives the
+    ``--admin-host`` names and the daemon's ``Via`` pseudonym.
     ``login_delay`` is the failed-login slow-down ``(first delay, cap)`` in seconds.
     """
 
     app = Klein()
 
+    #: Where a generated password is written, below the daemon's data directory.
+    PASSWORD_FILE = "admin-password"
+
     def __init__(self, state, dsn: str, password: Optional[str] = None,
                  password_file: Optional[str] = None, reactor=None,
-                 login_delay: Tuple[float, float] = (0.5, 30.0)):
+                 login_delay: Tuple[float, float] = (0.5, 30.0),
+                 settings: Optional[Settings] = None):
         if reactor is None:
             from twisted.internet import reactor
         self._reactor = reactor
         self._state = state
+        self._settings = settings if settings is not None else Settings()
         self._password = AdminPassword(password, password_file)
         self.generated_password: Optional[str] = self._password.generated
         self._password.generated = None
+        self.generated_password_file: Optional[str] = None
+        if self.generated_password is not None and settings is not None:
+            path = os.path.join(settings.data_dir, self.PASSWORD_FILE)
+            try:
+                write_private_file(path, self.generated_password + "\n")
+            except OSError as exc:
+                raise ValueError("cannot write the generated password to %s: %s"
+                                 % (path, exc.strerror or exc)) from None
+            self.generated_password_file = path
         self._sessions = Sessions(reactor)
         self._throttle = LoginThrottle(reactor, base=login_delay[0], cap=login_delay[1])
         self._db = ConsoleDatabase(dsn, reactor)
@@ -212,7 +347,8 @@ class AdminConsole:
 
     def resource(self) -> resource.Resource:
         """The console as a twisted.web resource, for ``Site``."""
-        return _SecurityHeaders(self.app.resource())
+        return _Guard(self.app.resource(), HostCheck(self._settings.admin_hosts),
+                      self._settings)
 
     def close(self) -> None:
         """Stop the console's database threads (also done at reactor shutdown)."""

@@ -9,6 +9,7 @@ reactor: hashing runs in a thread, the slow-down is a timer.
 from __future__ import annotations
 
 import hashlib
+import os
 import secrets
 from typing import Callable, Dict, Optional, Tuple
 
@@ -57,6 +58,36 @@ class AdminPassword:
             return self._hasher.verify(self._hash, candidate)
         except (VerificationError, InvalidHashError):
             return False
+
+
+def write_private_file(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` readable by this account only (mode 0600).
+
+    The directory is created 0700 if missing. The file is written under a fresh name
+    (O_EXCL, O_NOFOLLOW: no one can have planted it, or a symlink, there) and renamed
+    over ``path``, so it never exists with wider permissions or half written, and a
+    symlink at ``path`` is replaced, not followed.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    temporary = os.path.join(directory, ".%s.%s.tmp" % (os.path.basename(path),
+                                                        secrets.token_hex(4)))
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(temporary, flags, 0o600)
+    try:
+        try:
+            os.fchmod(fd, 0o600)        # whatever the umask
+            os.write(fd, text.encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
 
 
 class Sessions:

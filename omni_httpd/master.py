@@ -164,7 +164,8 @@ class MasterService(service.MultiService):
 
         try:
             console = AdminConsole(self.state, self.dsn, password=self.settings.admin_password,
-                                   password_file=self.settings.admin_password_file, reactor=self.reactor)
+                                   password_file=self.settings.admin_password_file, reactor=self.reactor,
+                                   settings=self.settings)
         except ValueError as exc:
             raise StartupError("admin console: %s" % one_line(exc))
         endpoint = endpoints.serverFromString(self.reactor, self.settings.admin)
@@ -177,9 +178,11 @@ class MasterService(service.MultiService):
         address = self.admin_port.getHost()
         host = getattr(address, "host", "")
         log.info("admin console listening on http://{host}:{port}/", host=host, port=getattr(address, "port", ""))
-        if console.generated_password:
-            log.warn("admin console password (generated, shown once): {password}",
-                     password=console.generated_password)
+        if console.generated_password_file:
+            # The path, not the password: logs are often readable by many.
+            log.warn("admin console password generated: it is in {path} (mode 0600, readable "
+                     "only by this account); give --admin-password-file to choose one",
+                     path=console.generated_password_file)
 
     @property
     def state(self):

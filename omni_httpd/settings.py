@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -41,3 +42,15 @@ class Settings:
     handler_timeout: float = 30.0              # statement_timeout for handlers, 0 = none
     handler_lock_timeout: float = 5.0          # lock_timeout for handlers, 0 = none
     access_log: bool = True
+    # Trust X-Forwarded-For / Forwarded (and X-Forwarded-Proto/-Host) sent by the client:
+    # only when every client reaches us through a proxy that sets them.
+    trust_forwarded: bool = False
+    proxy_allow: str = "any"                   # addresses a proxy outcome may connect to
+    proxy_deny: str = ""                       # ... minus these
+    admin_hosts: str = ""                      # extra Host names of the console, comma-separated
+    # This daemon's name in the Via header of requests it proxies, so that it recognises
+    # them when they come back (loops, its own admin console). Random per master; the
+    # workers get the master's (settings travel to them as JSON). Not an option, and not
+    # part of equality: two parses of one command line are the same settings.
+    proxy_token: str = field(default_factory=lambda: secrets.token_hex(6), compare=False,
+                             repr=False)

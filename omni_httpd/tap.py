@@ -17,9 +17,12 @@ import sys
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 from twisted.application.service import IService
+from twisted.logger import Logger
 from twisted.python import usage
 
 from omni_httpd.settings import Settings
+
+log = Logger()
 
 ENV_PREFIX = "OMNI_HTTPD_"
 EXIT_USAGE = 2
@@ -121,6 +124,42 @@ def _password_file(raw: str) -> str:
     return path
 
 
+def _address_rules(raw: str) -> str:
+    from omni_httpd.proxy import parse_address_rules
+    rules = parse_address_rules(_text(raw))
+    if not rules:
+        raise ValueError("must name at least one address, network or class")
+    return ",".join(rules)
+
+
+_HOST_LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?$")
+
+
+def _host_names(raw: str) -> str:
+    """Comma-separated host names (or IP addresses), normalised: lower case, no final dot."""
+    names = []
+    for item in _text(raw).split(","):
+        name = item.strip().lower()
+        if not name:
+            continue
+        if name.startswith("[") and name.endswith("]"):
+            name = name[1:-1]
+        try:
+            names.append(str(ipaddress.ip_address(name)))
+            continue
+        except ValueError:
+            pass
+        name = name.rstrip(".")
+        if ":" in name:
+            raise ValueError("%r: give the name without a port" % item.strip())
+        if not name or not all(_HOST_LABEL.match(label) for label in name.split(".")):
+            raise ValueError("%r is not a host name or IP address" % item.strip())
+        names.append(name)
+    if not names:
+        raise ValueError("must name at least one host")
+    return ",".join(names)
+
+
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)(?:i?b)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
 
@@ -172,8 +211,13 @@ PARAMETERS: Dict[str, Tuple[str, Callable[[str], Any], str]] = {
                             % _DEFAULTS.init_listen_address),
     "admin": ("admin", _endpoint,
               "Admin console endpoint, or 'none' to disable it. Default: %s." % _DEFAULTS.admin),
+    "admin-host": ("admin_hosts", _host_names,
+                   "Another name the admin console is reached by (e.g. a reverse proxy's), "
+                   "repeatable or comma-separated. Requests with any other Host get 421."),
     "admin-password": ("admin_password", _text,
-                       "Admin console password. Default: generated and logged once."),
+                       "Admin console password. Visible in ps: prefer --admin-password-file "
+                       "or OMNI_HTTPD_ADMIN_PASSWORD. Default: generated and written to "
+                       "<data-dir>/admin-password (mode 0600)."),
     "admin-password-file": ("admin_password_file", _password_file,
                             "File whose first line is the admin console password."),
     "tls-cert": ("tls_cert", _readable_file,
@@ -201,12 +245,25 @@ PARAMETERS: Dict[str, Tuple[str, Callable[[str], Any], str]] = {
     "handler-lock-timeout": ("handler_lock_timeout", _seconds,
                              "lock_timeout of handler queries in seconds, 0 for none. Default: %g."
                              % _DEFAULTS.handler_lock_timeout),
+    "proxy-allow": ("proxy_allow", _address_rules,
+                    "Addresses proxy outcomes may connect to: networks (CIDR), addresses or "
+                    "any, loopback, private, link-local; comma-separated. Default: any."),
+    "proxy-deny": ("proxy_deny", _address_rules,
+                   "Addresses proxy outcomes may not connect to, even if allowed "
+                   "(same syntax), e.g. loopback,link-local. Default: none."),
 }
+
+#: Parameters that may be given more than once; the values are joined with commas.
+REPEATABLE = frozenset(["admin-host"])
 
 # flag name -> (Settings field, value when given, help text)
 FLAGS: Dict[str, Tuple[str, bool, str]] = {
     "no-init": ("init", False, "Do not create the default listener and handler on first start."),
     "no-access-log": ("access_log", False, "Do not log a line per request."),
+    "trust-forwarded": ("trust_forwarded", True,
+                        "Trust X-Forwarded-For/Forwarded from the client (only behind a proxy "
+                        "that sets them): proxy outcomes append to them instead of replacing "
+                        "them."),
 }
 
 
@@ -222,6 +279,15 @@ class Options(usage.Options):
         super().__init__()
         self.environ = os.environ if environ is None else environ
         self.settings: Optional[Settings] = None
+
+    def opt_admin_host(self, value: str) -> None:
+        # One method for the repeatable parameters (see REPEATABLE): twistd's table
+        # would keep only the last value.
+        previous = self["admin-host"]
+        self["admin-host"] = value if previous is None else previous + "," + value
+
+    # usage.Options takes a handler's help from its docstring.
+    opt_admin_host.__doc__ = PARAMETERS["admin-host"][2]
 
     def parseOptions(self, options=None) -> None:
         try:
@@ -255,6 +321,10 @@ class Options(usage.Options):
                 values[field] = value
         self._check_combinations(values)
         self.settings = Settings(**values)
+        if self["admin-password"] is not None:
+            # Any local user can read a command line (ps, /proc/PID/cmdline).
+            log.warn("--admin-password on the command line is visible to every local user "
+                     "(ps); use --admin-password-file or OMNI_HTTPD_ADMIN_PASSWORD instead")
 
     @staticmethod
     def _check_combinations(values: Dict[str, Any]) -> None:

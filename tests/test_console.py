@@ -8,19 +8,24 @@ from __future__ import annotations
 import datetime
 import html
 import json
+import os
 import re
+import socket
 import time
 
 import psycopg2
 import pytest
 import pytest_twisted
 from argon2 import PasswordHasher
-from twisted.internet import defer, reactor
+import treq
+from twisted.internet import defer, reactor, threads
 
 from admin_support import ConsoleClient, FixedState, ServedConsole, wait_for
+from omni_httpd import proxy
 from omni_httpd.console import AdminConsole
 from omni_httpd.console_auth import COOKIE_NAME
 from omni_httpd.queries import NOTIFY_CHANNEL
+from omni_httpd.settings import Settings
 from daemon_support import sql
 
 PASSWORD = "correct horse battery staple"
@@ -235,6 +240,121 @@ async def test_generated_password_logs_in(dsn):
         assert (await client.login(password)).status == 303
         assert (await client.get("/")).status == 200
         assert served.console.generated_password is None     # no longer needed in memory
+    finally:
+        await served.close()
+
+
+def test_generated_password_goes_to_a_private_file(tmp_path, dsn):
+    data_dir = tmp_path / "state"
+    console = AdminConsole(FixedState(), dsn, settings=Settings(data_dir=str(data_dir)))
+    path = data_dir / "admin-password"
+    assert console.generated_password_file == str(path)
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert os.stat(data_dir).st_mode & 0o777 == 0o700           # created private
+    assert path.read_text() == console.generated_password + "\n"
+    # a symlink planted there is replaced, not written through
+    (tmp_path / "elsewhere").write_text("untouched")
+    path.unlink()
+    path.symlink_to(tmp_path / "elsewhere")
+    again = AdminConsole(FixedState(), dsn, settings=Settings(data_dir=str(data_dir)))
+    assert (tmp_path / "elsewhere").read_text() == "untouched"
+    assert not path.is_symlink() and path.read_text() == again.generated_password + "\n"
+    assert os.listdir(data_dir) == ["admin-password"]               # no temporary left
+    # a given password is not written anywhere
+    AdminConsole(FixedState(), dsn, password="given", settings=Settings(data_dir=str(tmp_path / "x")))
+    assert not (tmp_path / "x").exists()
+
+
+def test_unwritable_state_directory_is_a_clear_error(tmp_path, dsn):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match="cannot write the generated password to .*admin-password"):
+        AdminConsole(FixedState(), dsn, settings=Settings(data_dir=str(blocker / "sub")))
+
+
+# --- Host check (DNS rebinding) and requests our own proxy forwarded ---------------------
+
+async def fetch(url, host=None, **headers):
+    if host is not None:
+        headers["Host"] = host
+    response = await treq.get(url, headers=headers, persistent=False, allow_redirects=False)
+    return response.code, (await treq.content(response)).decode()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_forged_host_is_refused(served):
+    port = served.port.getHost().port
+    for host in ("evil.example", "evil.example:%d" % port, "127.0.0.1.evil.example",
+                 "[::1]:%d" % port, "10.0.0.1"):
+        status, body = await fetch(served.url + "/login", host)
+        assert status == 421, (host, body)
+        assert "does not answer to the name" in body and "--admin-host" in body
+        assert "password" not in body.lower()
+    # also for the form posts, and with the security headers
+    response = await treq.post(served.url + "/login", data={"password": PASSWORD},
+                               headers={"Host": "evil.example"}, persistent=False)
+    assert response.code == 421
+    assert response.headers.getRawHeaders("x-frame-options") == ["DENY"]
+    assert served.console._throttle.failures("127.0.0.1") == 0     # never reached the check
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_names_it_is_reachable_as_are_served(served):
+    port = served.port.getHost().port
+    for host in ("127.0.0.1:%d" % port, "127.0.0.1", "localhost:%d" % port, "LOCALHOST.",
+                 "console.localhost:%d" % port):
+        status, body = await fetch(served.url + "/login", host)
+        assert status == 200, (host, body)
+        assert 'name="password"' in body
+
+
+@pytest_twisted.ensureDeferred
+async def test_admin_host_names_are_served(dsn):
+    served = ServedConsole(FixedState(), dsn, password=PASSWORD,
+                           settings=Settings(admin_hosts="console.example,10.9.8.7"))
+    try:
+        for host in ("console.example", "Console.Example:443", "10.9.8.7:8081", "localhost"):
+            assert (await fetch(served.url + "/login", host))[0] == 200, host
+        assert (await fetch(served.url + "/login", "other.example"))[0] == 421
+    finally:
+        await served.close()
+
+
+def _raw(port, data):
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        chunks = []
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_missing_or_malformed_host_is_a_bad_request(served):
+    port = served.port.getHost().port
+    for request in (b"GET /login HTTP/1.0\r\n\r\n",
+                    b"GET /login HTTP/1.1\r\nHost: a b\r\nConnection: close\r\n\r\n",
+                    b"GET /login HTTP/1.1\r\nHost: [::1\r\nConnection: close\r\n\r\n",
+                    b"GET /login HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: evil.example\r\n"
+                    b"Connection: close\r\n\r\n"):
+        reply = await threads.deferToThread(_raw, port, request)
+        assert reply.startswith(b"HTTP/1.") and b" 400 " in reply.split(b"\r\n")[0], (request, reply)
+        assert b"Host header" in reply
+
+
+@pytest_twisted.ensureDeferred
+async def test_requests_proxied_by_this_daemon_are_refused(dsn):
+    settings = Settings()
+    served = ServedConsole(FixedState(), dsn, password=PASSWORD, settings=settings)
+    try:
+        own = "1.1 " + proxy.via_pseudonym(settings)
+        status, body = await fetch(served.url + "/login", Via="1.0 front, " + own)
+        assert status == 403 and "proxied by this daemon's own handlers" in body
+        # another proxy's Via (even another omni_httpd's) is fine
+        other = "1.1 " + proxy.via_pseudonym(Settings())
+        assert (await fetch(served.url + "/login", Via=other))[0] == 200
     finally:
         await served.close()
 

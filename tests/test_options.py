@@ -105,6 +105,23 @@ def test_admin_password():
     assert parse(["--admin-password", "hunter2"]).admin_password == "hunter2"
 
 
+def test_proxy_and_console_exposure_options():
+    defaults = parse([])
+    assert (defaults.trust_forwarded, defaults.proxy_allow, defaults.proxy_deny,
+            defaults.admin_hosts) == (False, "any", "", "")
+    settings = parse(["--trust-forwarded", "--proxy-allow", "10.0.0.0/8, Loopback",
+                      "--proxy-deny", "link-local,10.0.0.1",
+                      "--admin-host", "Console.Example.", "--admin-host", "ops.example,[::1]"])
+    assert settings.trust_forwarded is True
+    assert settings.proxy_allow == "10.0.0.0/8,loopback"
+    assert settings.proxy_deny == "link-local,10.0.0.1/32"
+    assert settings.admin_hosts == "console.example,ops.example,::1"
+    from_env = parse([], {"OMNI_HTTPD_TRUST_FORWARDED": "yes", "OMNI_HTTPD_ADMIN_HOST": "a.example,b.example",
+                          "OMNI_HTTPD_PROXY_DENY": "loopback"})
+    assert (from_env.trust_forwarded, from_env.admin_hosts, from_env.proxy_deny) == (
+        True, "a.example,b.example", "loopback")
+
+
 def test_environment_variables_and_the_command_line_wins(tmp_path):
     environ = {
         "OMNI_HTTPD_HTTP_WORKERS": "5",
@@ -182,6 +199,12 @@ def test_relative_paths_become_absolute(tmp_path, monkeypatch):
     (["--shutdown-grace", "soon"], "--shutdown-grace: expected a number of seconds, got 'soon'"),
     (["--tls-cert", "/nonexistent/cert.pem"], "--tls-cert: cannot read /nonexistent/cert.pem: No such file"),
     (["--admin-password-file", "/nonexistent/pw"], "--admin-password-file: cannot read /nonexistent/pw"),
+    (["--proxy-allow", "localhost"], "--proxy-allow: 'localhost' is neither an address, a network"),
+    (["--proxy-deny", "10.0.0.0/33"], "--proxy-deny: '10.0.0.0/33' is neither an address"),
+    (["--proxy-allow", " , "], "--proxy-allow: must name at least one address"),
+    (["--admin-host", "console.example:8081"], "--admin-host: 'console.example:8081': give the name without a port"),
+    (["--admin-host", "a b"], "--admin-host: 'a b' is not a host name or IP address"),
+    (["--admin-host", "ok.example", "--admin-host", "bad/name"], "--admin-host: 'bad/name' is not a host name"),
     (["--bogus"], "option --bogus not recognized"),
     (["--http-workers"], "option --http-workers requires argument"),
     (["stray"], "Wrong number of arguments."),
