@@ -695,10 +695,9 @@ class AdminConsole:
         # An empty field means the request had no '?' at all (query_string NULL).
         query_string = form["query_string"] or None
         try:
-            row = await self._db.run(db.try_handler, form["query"], form["role_name"],
-                                         form["method"], path, query_string,
-                                         form["body"].encode("utf-8"), names, values,
-                                         rollback=True)
+            row = await self._db.try_request(form["query"], form["role_name"],
+                                             form["method"], path, query_string,
+                                             form["body"].encode("utf-8"), names, values)
         except DatabaseProblem as problem:
             return self._try_page(request, sid, handler, roles, form, status=400,
                                   problem=problem)

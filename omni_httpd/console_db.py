@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional
 
+import psycopg
 import psycopg2
 from twisted.internet import defer, threads
 from twisted.python.threadpool import ThreadPool
@@ -45,7 +46,7 @@ class DatabaseProblem(Exception):
                    detail=diag and diag.message_detail,
                    hint=diag and diag.message_hint,
                    constraint=diag and diag.constraint_name,
-                   sqlstate=getattr(error, "pgcode", None))
+                   sqlstate=getattr(error, "pgcode", None) or getattr(error, "sqlstate", None))
 
 
 class ConsoleDatabase:
@@ -87,6 +88,18 @@ class ConsoleDatabase:
                 conn.close()
             except psycopg2.Error:
                 pass
+
+    def try_request(self, *args) -> defer.Deferred:
+        """`try_handler` on the console's threads, with `DatabaseProblem` for errors."""
+        self._start()
+
+        def blocking():
+            try:
+                return try_handler(self._dsn, *args)
+            except psycopg.Error as e:
+                raise DatabaseProblem.from_psycopg(e) from None
+
+        return threads.deferToThreadPool(self._reactor, self._pool, blocking)
 
     def run(self, operation: Callable, *args, rollback: bool = False) -> defer.Deferred:
         """Run ``operation(cursor, *args)`` in one transaction; committed unless ``rollback``.
@@ -288,24 +301,32 @@ def delete_handler(cur, handler_id: int) -> bool:
     return cur.rowcount == 1
 
 
-def try_handler(cur, query: str, role_name: str, method: str, path: str,
-                query_string: Optional[str], body: bytes,
-                header_names: List[str], header_values: List[str]) -> Optional[tuple]:
-    """Install ``query`` as a temporary handler and run it on one request.
+def try_handler(dsn: str, query: str, role_name: str, method: str, path: str,
+               query_string: Optional[str], body: bytes,
+               header_names: List[str], header_values: List[str]) -> Optional[tuple]:
+    """Install ``query`` as a temporary handler and run it on one request, as a worker would.
 
+    Blocking; call through `ConsoleDatabase.try_request`. It uses a session of its own
+    (never the console's shared connections): the handler is installed and called the
+    way the worker does it (handler_call.py: described without running, run as its role,
+    values as protocol parameters), inside one transaction that is rolled back, and the
+    session is closed afterwards, so nothing the handler did or left outlives the try.
     Returns the ``omni_httpd._handler_result`` row as a tuple (None: zero rows), ready
     for `omni_httpd.outcome.response_from_row`.
-
-    Call through ``ConsoleDatabase.run(..., rollback=True)``: whatever the handler
-    changes, and the temporary function itself, disappear with the transaction.
     """
-    cur.execute("SELECT omni_httpd._install_handler('omni_httpd_try', %s, %s)",
-                (query, role_name or None))
-    cur.execute("SELECT kind::text, status, header_names, header_values, body, proxy_url,"
-                " preserve_host FROM pg_temp.omni_httpd_try(%s::omni_http.http_method, %s, %s,"
-                " %s, %s::text[], %s::text[])",
-                (method, path, query_string, psycopg2.Binary(body), header_names, header_values))
-    row = cur.fetchone()
-    if row is None:
-        return None
-    return row[:4] + (bytes(row[4]) if row[4] is not None else None,) + row[5:]
+    from omni_httpd import handler_call
+    from omni_httpd.request import Request
+
+    request = Request(method=method, path=path, query_string=query_string,
+                      headers=list(zip(header_names, header_values)), body=body)
+    with psycopg.connect(dsn, connect_timeout=10, autocommit=False,
+                         options="-c statement_timeout=%d" % STATEMENT_TIMEOUT_MS) as conn:
+        conn.prepare_threshold = None
+        try:
+            installed = handler_call.install(conn, 0, 0, query, role_name or None)
+            return handler_call.call(conn, installed, request, own_objects=1, clean_after_failure=False)
+        except handler_call.HandlerError as error:
+            raise DatabaseProblem(message=error.message, sqlstate=error.sqlstate) from None
+        finally:
+            if not conn.broken:
+                conn.rollback()

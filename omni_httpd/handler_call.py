@@ -280,11 +280,12 @@ def read_row(res: pq.abc.PGresult) -> Optional[HandlerRow]:
 
 
 def call(conn: psycopg.Connection, installed: Installed, request: Request,
-         own_objects: int) -> Optional[HandlerRow]:
+         own_objects: int, clean_after_failure: bool = True) -> Optional[HandlerRow]:
     """Run the handler for ``request``: one round trip when it succeeds.
 
     Raises `SessionDirty` (nothing ran), `HandlerError` (the handler failed; the session
-    has been cleaned) or `DatabaseUnavailable` (the connection is gone).
+    has been cleaned unless ``clean_after_failure`` is false, for a session that is
+    closed anyway) or `DatabaseUnavailable` (the connection is gone).
     """
     pgconn = conn.pgconn
     res = pgconn.exec_prepared(installed.statement, parameters(request, own_objects), _BINARY, 1)
@@ -296,7 +297,8 @@ def call(conn: psycopg.Connection, installed: Installed, request: Request,
     if sqlstate in DIRTY_STATES:
         raise SessionDirty(result_error_text(res))
     message = result_error_text(res)
-    after_failure(conn)
+    if clean_after_failure:
+        after_failure(conn)
     raise HandlerError(message, sqlstate.decode() if sqlstate else None)
 
 
