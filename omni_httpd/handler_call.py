@@ -159,7 +159,13 @@ def install(conn: psycopg.Connection, handler_id: int, generation: int, query: s
         "SELECT * FROM pg_temp.{}(omni_httpd._before_request($1, {}::pg_catalog.oid, {}::pg_catalog.xid, $7), "
         "$2, $3, $4, $5, $6) WITH ORDINALITY").format(sql.Identifier(name), sql.Literal(int(oid)),
                                                       sql.Literal(str(int(xmin))))
-    _check(conn, conn.pgconn.prepare(statement, call_text.as_bytes(conn)))
+    try:
+        _check(conn, conn.pgconn.prepare(statement, call_text.as_bytes(conn)))
+    except psycopg.Error:
+        # No function of ours may stay behind uncounted (see _before_request).
+        if not conn.broken:
+            drop_function(conn, name)
+        raise
     return Installed(name, statement)
 
 
