@@ -167,6 +167,27 @@ def test_initialize_default_creates_the_welcome_listener(dsn):
         ("127.0.0.2", 8081, "SELECT omni_httpd.default_page(request.*::omni_httpd.http_request) FROM request")]
 
 
+def test_the_welcome_page_runs_as_a_role_without_rights(dsn, make_role):
+    # The tests connect as the cluster's superuser, as the daemon does on its embedded one.
+    assert initialize(dsn) is True
+    assert one(dsn, "SELECT h.role_name::text || ' ' || r.rolsuper || ' ' || r.rolcanlogin"
+                    " FROM omni_httpd.handlers h JOIN pg_roles r ON r.rolname = h.role_name") == \
+        "omni_httpd_welcome false false"
+    # A daemon that is no superuser keeps its own role for it.
+    plain = make_role()
+    sql_as = dsn.replace("user=postgres", "user=%s" % plain)
+    admin = psycopg2.connect(dsn)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute("DELETE FROM omni_httpd.default_initialization")
+        cur.execute('GRANT ALL ON ALL TABLES IN SCHEMA omni_httpd TO "%s"' % plain)
+        cur.execute('GRANT USAGE ON SCHEMA omni_httpd TO "%s"' % plain)
+    admin.close()
+    assert initialize(sql_as) is True
+    assert one(dsn, "SELECT string_agg(role_name::text, ',' ORDER BY id) FROM omni_httpd.handlers") == \
+        "omni_httpd_welcome,%s" % plain
+
+
 def test_initialize_default_only_once(dsn):
     assert initialize(dsn) is True
     assert initialize(dsn, port=9999) is False

@@ -262,7 +262,6 @@ ALTER FUNCTION omni_httpd._cascading_query_add(text[], text, text) SET search_pa
 ALTER FUNCTION omni_httpd._cascading_query_build(text[]) SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION omni_httpd._html_escape(text) SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION omni_httpd.default_page(omni_httpd.http_request) SET search_path = pg_catalog, pg_temp;
-ALTER FUNCTION omni_httpd._initialize_default(inet, int) SET search_path = pg_catalog, pg_temp;
 
 -- The search_path a handler runs with: the session's default (what `SET search_path`
 -- would RESET to) with pg_temp explicitly last, so a temporary table never shadows a
@@ -550,3 +549,40 @@ GRANT EXECUTE ON FUNCTION
     omni_httpd._before_request(omni_http.http_method, oid, xid, int),
     omni_httpd._after_request()
     TO PUBLIC;
+
+-- 7. The welcome page of the first start runs as a role with no rights of its own
+-- (omni_httpd_welcome, NOLOGIN), not as the daemon's login role, which on an embedded
+-- cluster is the superuser. A daemon that is no superuser (a managed database) keeps
+-- using its own role, which is then no more than what it is.
+CREATE OR REPLACE FUNCTION omni_httpd._initialize_default(address inet, port int)
+    RETURNS boolean
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    page_role name := current_user;
+BEGIN
+    INSERT INTO omni_httpd.default_initialization DEFAULT VALUES ON CONFLICT DO NOTHING;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    IF (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = current_user) THEN
+        BEGIN
+            CREATE ROLE omni_httpd_welcome NOLOGIN;
+        EXCEPTION WHEN duplicate_object THEN
+            NULL;   -- another database of the cluster made it
+        END;
+        page_role := 'omni_httpd_welcome';
+    END IF;
+    WITH listener AS (
+        INSERT INTO omni_httpd.listeners (address, port) VALUES ($1, $2) RETURNING id
+    ), handler AS (
+        INSERT INTO omni_httpd.handlers (query, role_name)
+        VALUES ('SELECT omni_httpd.default_page(request.*::omni_httpd.http_request) FROM request', page_role)
+        RETURNING id
+    )
+    INSERT INTO omni_httpd.listeners_handlers (listener_id, handler_id)
+    SELECT listener.id, handler.id FROM listener, handler;
+    RETURN true;
+END
+$$;
