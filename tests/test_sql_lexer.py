@@ -174,7 +174,7 @@ def scripts(draw):
     return ";".join(statements), conforming, len(statements)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(scripts())
 def test_the_lexer_agrees_with_postgresql_on_generated_texts(pg, script):
     text, conforming, count = script
