@@ -3,8 +3,8 @@
 A worker is `python -m omni_httpd.worker` started with ``reactor.spawnProcess``. It
 gets its end of a control socketpair as fd 3 and the listening sockets of its slot as
 fds 4, 5, ... through ``childFDs``; sockets of listeners added later arrive over the
-control channel (SCM_RIGHTS). Its stdout/stderr lines are relayed into the master's log. With ``account`` (a root
-master, see privileges.py) it runs as that account, in ``/``.
+control channel (SCM_RIGHTS). Its stdout/stderr lines are relayed into the master's log.
+With ``account`` (a root master, see privileges.py) it runs as that account, in ``/``.
 """
 from __future__ import annotations
 

@@ -157,7 +157,7 @@ def inaccessible(account: Account, needed: Iterable[Tuple[str, int]],
     """(what the worker needs, the path that blocks it) for the first need the account
     cannot meet, following symlinks as the kernel does; None when it can meet them all."""
     for path, mode in needed:
-        for way in (os.path.abspath(path), os.path.realpath(path)):
+        for way in (os.path.realpath(path), os.path.abspath(path)):
             blocked = first_inaccessible(way, account.uid, account.groups, mode, stat_fn)
             if blocked is not None:
                 return path, blocked

@@ -259,7 +259,7 @@ PARAMETERS: Dict[str, Tuple[str, Callable[[str], Any], str]] = {
                     "Account the HTTP workers run as when the daemon is started as root "
                     "(root keeps them root). Default: the embedded cluster's account, or "
                     "nobody with --dsn; if that account cannot run a worker they stay root, "
-                    "with a warning. Not needed under twistd --uid (workers are then that account)."),
+                    "with a warning. Not root (e.g. twistd --uid): workers run as the daemon's account."),
     "proxy-allow": ("proxy_allow", _address_rules,
                     "Addresses proxy outcomes may connect to: networks (CIDR), addresses or "
                     "any, loopback, private, link-local; comma-separated. Default: any."),
