@@ -1,7 +1,8 @@
 """An embedded PostgreSQL cluster: used when the daemon gets no --dsn, and by the tests.
 
 The cluster lives in ``<data_dir>/pgdata``; the server listens only on a UNIX socket in
-that same directory (no TCP port), so nothing outside the owning account can reach it.
+that same directory (no TCP port). Both directories are kept 0700 (checked at every
+start), so no other account can reach the socket and use the ``trust`` authentication.
 initdb and postgres refuse to run as root: when we are root they run as an unprivileged
 account, which then owns the data directory: the owner of an existing cluster (or of a
 data directory not owned by root), else ``$OMNI_HTTPD_PG_USER``, else ``postgres`` if the
@@ -294,6 +295,7 @@ class EmbeddedPostgres:
         if self.account is None:
             if not os.access(self.data_dir, os.W_OK | os.X_OK):
                 raise EmbeddedPostgresError("data directory %s is not writable" % self.data_dir)
+            self._make_private()
             return
         # Root: an existing cluster (or a data directory handed to an account) keeps its
         # owner; a root-owned data directory is given to the service account.
@@ -309,6 +311,23 @@ class EmbeddedPostgres:
         except OSError as exc:
             raise EmbeddedPostgresError("cannot give data directory %s to account %r: %s"
                                         % (self.data_dir, self.account.pw_name, exc.strerror)) from None
+        self._make_private()
+
+    def _make_private(self) -> None:
+        """The data directory and pgdata (which holds the socket, and trusts every local
+        connection) 0700: no other account may connect, whatever initdb or an operator
+        left there (PostgreSQL itself also accepts 0750)."""
+        for path in (self.data_dir, self.pgdata):
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                continue
+            if st.st_mode & 0o077:
+                try:
+                    os.chmod(path, 0o700)
+                except OSError as exc:
+                    raise EmbeddedPostgresError("cannot make %s private (mode 0700): %s"
+                                                % (path, exc.strerror)) from None
 
     def _check_account_access(self) -> None:
         """As root: can the service account reach the data directory and the binaries?"""

@@ -4,6 +4,7 @@ A worker is `python -m omni_httpd.worker` started with ``reactor.spawnProcess``.
 gets its end of a control socketpair as fd 3 and the listening sockets of its slot as
 fds 4, 5, ... through ``childFDs``; sockets of listeners added later arrive over the
 control channel (SCM_RIGHTS). Its stdout/stderr lines are relayed into the master's log.
+With ``account`` (a root master, see privileges.py) it runs as that account, in ``/``.
 """
 from __future__ import annotations
 
@@ -109,8 +110,9 @@ class Fleet:
 
     def __init__(self, reactor, settings, dsn: str, run_dir: str, scoreboard: Scoreboard,
                  listener_fds: Callable[[], Dict[int, int]],
-                 config_message: Callable[[WorkerProcess], tuple]):
+                 config_message: Callable[[WorkerProcess], tuple], account=None):
         self.reactor = reactor
+        self.account = account                # privileges.Account, or None: as the master
         self.settings = settings
         self.dsn = dsn
         self.run_dir = run_dir
@@ -145,11 +147,18 @@ class Fleet:
                 "--slot", str(slot), "--run-dir", self.run_dir,
                 "--inherited", json.dumps(passed)]
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        # Absolute ('' is the master's working directory): the worker may start in "/".
+        env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in sys.path)
+        spawn_as = {}
+        if self.account is not None:
+            # Twisted's child calls initgroups() (the account's groups) before setuid().
+            spawn_as = dict(uid=self.account.uid, gid=self.account.gid, path="/")
+            env.update(HOME=self.account.home, USER=self.account.name, LOGNAME=self.account.name)
         env["OMNI_HTTPD_WORKER_DSN"] = self.dsn
         env["OMNI_HTTPD_WORKER_SETTINGS"] = json.dumps(self._settings_for_worker())
         try:
-            self.reactor.spawnProcess(worker, sys.executable, args, env=env, childFDs=child_fds)
+            self.reactor.spawnProcess(worker, sys.executable, args, env=env, childFDs=child_fds,
+                                      **spawn_as)
         finally:
             child_end.close()
         worker.bind_ids = set(inherited)

@@ -20,7 +20,7 @@ from twisted.application import service
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
-from omni_httpd import migrations, queries
+from omni_httpd import migrations, privileges, queries
 from omni_httpd.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError
 from omni_httpd.fleet import Fleet
 from omni_httpd.reload import Reloader
@@ -58,6 +58,7 @@ class MasterService(service.MultiService):
         self.reloader: Optional[Reloader] = None
         self.scoreboard: Optional[Scoreboard] = None
         self.run_dir: Optional[str] = None
+        self.worker_account: Optional[privileges.Account] = None
         self.admin_port = None
         self.ready = defer.Deferred()
         self._failed = False
@@ -88,6 +89,7 @@ class MasterService(service.MultiService):
             self._step_done()
             log.info("embedded PostgreSQL {state} in {dir}; connect with: psql \"{dsn}\"",
                      state="created" if created else "reused", dir=self.embedded.pgdata, dsn=self.dsn)
+        self.worker_account = self._choose_worker_account()
         try:
             applied = await threads.deferToThread(migrations.apply, self.dsn)
         except psycopg2.OperationalError as exc:
@@ -101,8 +103,9 @@ class MasterService(service.MultiService):
 
         self.db = await self._connect()
         self._step_done()
-        self.run_dir = tempfile.mkdtemp(prefix="omni_httpd_")
+        self.run_dir = tempfile.mkdtemp(prefix="omni_httpd_")   # 0700
         self.scoreboard = Scoreboard(os.path.join(self.run_dir, "scoreboard"), settings.http_workers, create=True)
+        privileges.hand_over([self.run_dir, self.scoreboard.path], self.worker_account)
         self.reloader = Reloader(settings, self.db, settings.http_workers)
         # LISTEN before the first read, so no change can fall between the two; changes
         # notified during start-up make one more reload once the first is applied.
@@ -112,7 +115,8 @@ class MasterService(service.MultiService):
         await self.reloader.load()
         self._step_done()
         self.fleet = Fleet(self.reactor, settings, self.dsn, self.run_dir, self.scoreboard,
-                           self.reloader.listener_fds, self.reloader.config_message)
+                           self.reloader.listener_fds, self.reloader.config_message,
+                           account=self.worker_account)
         self.reloader.fleet = self.fleet
         self.fleet.start()
         await self.reloader.apply()
@@ -123,6 +127,23 @@ class MasterService(service.MultiService):
         log.info("omni_httpd ready: {workers} HTTP worker(s); {summary}",
                  workers=settings.http_workers, summary=self.reloader.summary())
         self.ready.callback(None)
+
+    def _choose_worker_account(self) -> Optional[privileges.Account]:
+        """As root: the account the workers run as (privileges.py), checked now, once."""
+        settings = self.settings
+        needed = privileges.worker_requirements(self.dsn, tempfile.gettempdir(),
+                                                (settings.tls_cert, settings.tls_key))
+        cluster_account = self.embedded.account if self.embedded is not None else None
+        try:
+            account, warning = privileges.choose_worker_account(settings.worker_user, cluster_account, needed)
+        except privileges.WorkerAccountError as exc:
+            raise StartupError(str(exc))
+        if warning:
+            log.warn("{warning}", warning=warning)
+        if account is not None:
+            log.info("HTTP workers run as account {name!r} (uid {uid}, gid {gid})",
+                     name=account.name, uid=account.uid, gid=account.gid)
+        return account
 
     def _initialize_default(self) -> None:
         connection = psycopg2.connect(self.dsn)

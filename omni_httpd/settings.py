@@ -48,6 +48,7 @@ class Settings:
     proxy_allow: str = "any"                   # addresses a proxy outcome may connect to
     proxy_deny: str = ""                       # ... minus these
     admin_hosts: str = ""                      # extra Host names of the console, comma-separated
+    worker_user: Optional[str] = None          # as root: account of the workers (None: default)
     # This daemon's name in the Via header of requests it proxies, so that it recognises
     # them when they come back (loops, its own admin console). Random per master; the
     # workers get the master's (settings travel to them as JSON). Not an option, and not

@@ -115,6 +115,16 @@ def _readable_file(raw: str) -> str:
     return path
 
 
+def _account(raw: str) -> str:
+    import pwd
+    name = _text(raw).strip()
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        raise ValueError("no such account %r" % name) from None
+    return name
+
+
 def _password_file(raw: str) -> str:
     path = _readable_file(raw)
     with open(path, encoding="utf-8", errors="replace") as handle:
@@ -245,6 +255,11 @@ PARAMETERS: Dict[str, Tuple[str, Callable[[str], Any], str]] = {
     "handler-lock-timeout": ("handler_lock_timeout", _seconds,
                              "lock_timeout of handler queries in seconds, 0 for none. Default: %g."
                              % _DEFAULTS.handler_lock_timeout),
+    "worker-user": ("worker_user", _account,
+                    "Account the HTTP workers run as when the daemon is started as root "
+                    "(root keeps them root). Default: the embedded cluster's account, or "
+                    "nobody with --dsn; if that account cannot run a worker they stay root, "
+                    "with a warning. Not root (e.g. twistd --uid): workers run as the daemon's account."),
     "proxy-allow": ("proxy_allow", _address_rules,
                     "Addresses proxy outcomes may connect to: networks (CIDR), addresses or "
                     "any, loopback, private, link-local; comma-separated. Default: any."),

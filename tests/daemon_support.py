@@ -16,18 +16,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWISTD = [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; sys.exit(run())"]
 
 
-def twistd_argv(*args: str) -> List[str]:
-    return TWISTD + ["-n", "--pidfile=", "omni_httpd"] + list(args)
+def twistd_argv(*args: str, python: Optional[str] = None) -> List[str]:
+    """twistd's command line; ``python``: another interpreter than ours."""
+    return [python or TWISTD[0]] + TWISTD[1:] + ["-n", "--pidfile=", "omni_httpd"] + list(args)
 
 
 class Daemon:
     """A daemon process whose output lines are collected and can be waited for."""
 
-    def __init__(self, dsn: Optional[str], *args: str, env: Optional[dict] = None):
+    def __init__(self, dsn: Optional[str], *args: str, env: Optional[dict] = None,
+                 python: Optional[str] = None):
         argv = list(args)
         if dsn is not None:
             argv = ["--dsn", dsn] + argv
-        self.argv = twistd_argv(*argv)
+        self.argv = twistd_argv(*argv, python=python)
         environment = dict(os.environ)
         environment.update(env or {})
         environment["PYTHONUNBUFFERED"] = "1"
