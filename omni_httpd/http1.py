@@ -564,9 +564,14 @@ class HTTP1Protocol(Protocol):
         send_body = False
         if status < 200:
             close = True    # a 1xx cannot be a final answer; close so the client is not left waiting
-        elif status != 204 and status != 304 and body is not None:
-            parts.append("content-length: %d\r\n" % len(body))
-            send_body = not entry.head and len(body) > 0
+        elif status != 204 and status != 304:
+            if body is None:
+                # Every message must be delimited; a keep-alive client would otherwise
+                # wait for a body that never comes (see docs/sql-api.md, NULL body).
+                parts.append("content-length: 0\r\n")
+            else:
+                parts.append("content-length: %d\r\n" % len(body))
+                send_body = not entry.head and len(body) > 0
         if add_date:
             parts.append("date: %s\r\n" % http_date(self._clock.seconds()))
         if add_server:

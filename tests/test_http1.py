@@ -305,15 +305,18 @@ def test_no_body_statuses(status):
     assert c.transport.value().startswith(b"HTTP/1.1 %d " % status)
 
 
-def test_null_body_no_content_length_and_empty_body_zero():
-    c = Conn(FakeDispatch(lambda r: Response(200, [], None if r.path == "/null" else b"")))
-    c.send(b"GET /null HTTP/1.1\r\n\r\n")
-    raw = c.transport.value()
-    assert b"content-length" not in raw.lower() and raw.endswith(b"\r\n\r\n")
-    c.transport.clear()
-    c.send(b"GET /empty HTTP/1.1\r\n\r\n")
-    [resp] = c.responses()
-    assert resp.header("content-length") == "0" and resp.body == b""
+def test_null_body_is_delimited_by_content_length_zero():
+    """A body-less Response is still a delimited message: keep-alive clients get their
+    answer and the next one on the same connection (no hang waiting for a close)."""
+    statuses = {"/null": 200, "/e404": 404, "/n204": 204, "/n304": 304}
+    c = Conn(FakeDispatch(lambda r: Response(statuses[r.path], [], None)))
+    c.send(b"".join(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % p.encode() for p in statuses))
+    c.send(b"GET /null HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    resps = parse_responses(c.transport.value(), head_requests=0)
+    assert [(r.status, r.header("content-length")) for r in resps] == [
+        (200, "0"), (404, "0"), (204, None), (304, None), (200, "0")]
+    assert resps[-1].header("connection") == "keep-alive"
+    assert not c.closed
 
 
 def test_handler_headers_kept_framing_headers_dropped_injection_refused():

@@ -153,8 +153,10 @@ async def test_status_headers_and_null_body(served):
     response = await treq.get(base + "/", persistent=False)
     assert response.code == 201
     assert response.headers.getRawHeaders("x-one") == ["a", "b"]
-    assert not response.headers.hasHeader("content-length")
+    # A NULL body is sent empty and delimited (docs/sql-api.md), with no content type.
+    assert response.headers.getRawHeaders("content-length") == ["0"]
     assert not response.headers.hasHeader("content-type")
+    assert await treq.content(response) == b""
 
 
 def test_empty_body_has_content_length_zero(served):
