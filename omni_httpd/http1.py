@@ -17,6 +17,16 @@ Decisions a caller or operator may want to know:
 - ``Upgrade`` requests are served as ordinary requests (the upgrade is ignored; HTTP/2
   over cleartext is prior knowledge only).
 - Absolute-form targets (``GET http://host/p``) are reduced to their path.
+- Never reach a handler (RFC 9112): ``CONNECT`` (any target) is ``501`` and the
+  connection is closed (no tunnels; what follows the head would be tunnel bytes);
+  ``OPTIONS *`` is answered here, ``200`` with ``allow`` listing the methods handlers
+  get, connection kept; ``*`` with any other method is ``400``. An HTTP/1.1 request
+  without ``Host``, any request with more than one ``Host`` or a ``Host`` that is not
+  host[:port], and ``Transfer-Encoding`` in an HTTP/1.0 request are ``400`` (and close).
+  llhttp itself refuses Content-Length together with Transfer-Encoding, duplicate
+  Content-Length, and a Transfer-Encoding whose last coding is not chunked (``400``).
+- A response without a body (``Response.body`` None) still says ``content-length: 0``
+  unless its status is 1xx, 204 or 304: every message is delimited.
 - A handler's own ``Date`` and ``Server`` headers replace the ones the server adds.
 - Error answers generated here close the connection; when the peer may still be
   sending (413 before the body was read, ...) the write side is shut first and unread
@@ -78,6 +88,12 @@ _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+").fullmatch
 _BAD_VALUE = re.compile(r"[\r\n\x00]").search
 _STATUS_LINES = {code: "HTTP/1.1 %d %s\r\n" % (code, reason) for code, reason in REASONS.items()}
 _ABSOLUTE_FORM = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^/?#]*").match
+# RFC 9112 3.2: Host is uri-host [":" port]; anything else (spaces, "/", "@", ...) is a 400.
+# Deliberately loose about the exact grammar: it only keeps what is not a host away from
+# handlers that route on it.
+_HOST = re.compile(rb"[A-Za-z0-9\-._~%!$&'()*+,;=:\[\]]*").fullmatch
+# OPTIONS * (RFC 9110 9.3.7) asks about the server as a whole; the methods a handler can get.
+_ALLOW = ", ".join(sorted(m.decode() for m in METHODS if m != b"CONNECT"))
 
 
 class _Stop(Exception):
@@ -224,6 +240,9 @@ class HTTP1Protocol(Protocol):
         self._method = b""
         self._version = "1.1"
         self._keep_alive = True
+        self._hosts = 0
+        self._host = b""
+        self._answer: Optional[Response] = None     # answered here, never dispatched
 
     # -- connection life cycle -----------------------------------------------------------------
     def connectionMade(self) -> None:
@@ -377,7 +396,10 @@ class HTTP1Protocol(Protocol):
             self._fail(431, "Request header fields too large")
             raise _Stop()
         lname = name.lower()
-        if lname == b"content-length":
+        if lname == b"host":
+            self._hosts += 1
+            self._host = value
+        elif lname == b"content-length":
             self._content_length = int(value)      # llhttp accepted it: digits only
         elif lname == b"transfer-encoding":
             self._chunked = True                   # llhttp insists chunked comes last
@@ -402,6 +424,33 @@ class HTTP1Protocol(Protocol):
         if version != "1.1" and version != "1.0":
             self._fail(505, "HTTP version not supported")
             raise _Stop()
+        # RFC 9112 3.2: exactly one valid Host in HTTP/1.1, at most one in HTTP/1.0.
+        if self._hosts != 1:
+            if self._hosts or version == "1.1":
+                self._fail(400, "Bad request: more than one Host header" if self._hosts
+                           else "Bad request: missing Host header")
+                raise _Stop()
+        elif not _HOST(self._host.rstrip(b" \t")):
+            self._fail(400, "Bad request: invalid Host header")
+            raise _Stop()
+        if self._chunked and version == "1.0":
+            # RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing
+            # (an HTTP/1.0 intermediary may not have understood it either).
+            self._fail(400, "Bad request: Transfer-Encoding in an HTTP/1.0 request")
+            raise _Stop()
+        method = self._method
+        if method == b"CONNECT":
+            # No tunnels here; whatever follows the head would be tunnel bytes, so close.
+            self._fail(501, "CONNECT is not supported")
+            raise _Stop()
+        if self._url == b"*":
+            # asterisk-form: the server itself is asked, no resource (RFC 9112 3.2.4).
+            if method != b"OPTIONS":
+                self._fail(400, "Bad request: * is a target for OPTIONS only")
+                raise _Stop()
+            self._answer = Response(200, [("allow", _ALLOW)], b"")
+        elif method not in METHODS:
+            self._answer = error_response(501, "Not implemented")
         self._state = _BODY
         if self._content_length > 0 or self._chunked:
             if self._content_length > self._max_body:
@@ -450,8 +499,8 @@ class HTTP1Protocol(Protocol):
         queue.append(entry)
         if len(queue) >= MAX_PIPELINE:
             self._pause_reading(_PAUSE_PIPELINE)
-        if self._method not in METHODS:
-            self._on_response(error_response(501, "Not implemented"), entry)
+        if self._answer is not None:
+            self._on_response(self._answer, entry)
             return
         try:
             self._dispatch(request).addCallbacks(self._on_response, self._on_dispatch_error,

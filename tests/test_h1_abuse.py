@@ -153,3 +153,81 @@ def test_null_body_http2(daemon):
     assert [(a.status, a.body, a.reset) for a in answers] == [(200, b"", None), (200, b"", None), (204, b"", None)]
     lengths = [dict(a.headers).get("content-length") for a in answers]
     assert lengths == ["0", "0", None]
+
+
+# -- 4. RFC 9112 framing and target rules -------------------------------------------------------
+
+def exchange(port: int, data: bytes) -> List[Tuple[int, dict, bytes]]:
+    """Send ``data``, read responses until the server closes (or 5 s of silence)."""
+    out = []
+    with connect(port, timeout=5) as sock:
+        sock.sendall(data)
+        reader = Reader(sock)
+        while True:
+            try:
+                if reader.closed():
+                    return out
+            except (socket.timeout, ConnectionResetError):
+                return out
+            out.append(reader.response())
+
+
+@pytest.fixture(scope="module")
+def counting_port(daemon):
+    """A handler that records every request reaching it."""
+    sql(daemon.dsn, "CREATE TABLE IF NOT EXISTS reached (id serial PRIMARY KEY, method text, path text)")
+    return serve(daemon, """WITH r AS (INSERT INTO reached(method, path)
+                                       SELECT request.method::text, request.path FROM request RETURNING 1)
+                            SELECT omni_httpd.http_response('handled') FROM r""")
+
+
+def reached(daemon) -> int:
+    return sql(daemon.dsn, "SELECT count(*) FROM reached", fetch=True)[0][0]
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET / HTTP/1.1\r\n\r\n",                                         # no Host
+    b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",                   # two Host lines
+    b"GET / HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n",                   # ... in any version
+    b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n",                            # not a host
+    b"GET / HTTP/1.1\r\nHost: a/b\r\n\r\n",
+    b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n"
+    b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"GET * HTTP/1.1\r\nHost: a\r\n\r\n",
+], ids=["no-host", "two-hosts", "two-hosts-1.0", "host-space", "host-slash", "chunked-1.0",
+        "cl-then-te", "te-then-cl", "asterisk-get"])
+def test_refused_with_400_and_never_reach_the_handler(daemon, counting_port, request_bytes):
+    before = reached(daemon)
+    answers = exchange(counting_port, request_bytes)
+    assert [status for status, _, _ in answers] == [400], answers
+    assert answers[0][1].get("connection") == "close"
+    assert reached(daemon) == before
+
+
+def test_http10_without_host_is_served(daemon, counting_port):
+    before = reached(daemon)
+    assert [a[0] for a in exchange(counting_port, b"GET /old HTTP/1.0\r\n\r\n")] == [200]
+    assert reached(daemon) == before + 1
+
+
+def test_connect_is_501_and_closes(daemon, counting_port):
+    before = reached(daemon)
+    answers = exchange(counting_port, b"CONNECT example.org:443 HTTP/1.1\r\nHost: example.org:443\r\n\r\n"
+                                      b"\x16\x03\x01 tunnel bytes")
+    assert [(status, headers.get("connection")) for status, headers, _ in answers] == [(501, "close")]
+    assert reached(daemon) == before
+
+
+def test_options_asterisk_answered_by_the_server(daemon, counting_port):
+    before = reached(daemon)
+    answers = exchange(counting_port, b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n"
+                                      b"GET /after HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    (status, headers, body), after = answers
+    assert (status, body, headers.get("content-length")) == (200, b"", "0")
+    assert set(headers["allow"].split(", ")) >= {"GET", "HEAD", "POST", "OPTIONS"}
+    assert "CONNECT" not in headers["allow"]
+    assert after[::2] == (200, b"handled")     # the connection stays usable
+    assert reached(daemon) == before + 1       # only GET /after reached the handler
