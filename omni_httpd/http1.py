@@ -37,6 +37,12 @@ Decisions a caller or operator may want to know:
   pauses. Reading also pauses while the transport's write buffer is full (the protocol
   is the transport's streaming producer), so a client that sends but never reads
   cannot make the worker buffer without bound.
+- A client that goes away (connection lost or aborted) has its waiting requests
+  cancelled: those the DB thread has not started are never run; the one running
+  finishes (and commits, a handler's transaction is not tied to the client) and its
+  answer is dropped. A client that only half-closes is still answered. A client that
+  closes right after sending looks like a half-close until the first answer is refused,
+  so the request running then and the next one or two may still run.
 
 Graceful shutdown: every connected protocol is in `HTTP1Protocol.live` (a WeakSet),
 and in ``protocol.registry`` when the factory set one before the connection was made.
@@ -104,7 +110,7 @@ class _Pending:
     """One request (or server-generated error) waiting for its turn to be answered."""
 
     __slots__ = ("request", "method", "target", "version", "keep_alive", "head", "started",
-                 "response", "linger")
+                 "response", "linger", "deferred")
 
     def __init__(self, request: Request, method: str, target: str, version: str,
                  keep_alive: bool, started: float) -> None:
@@ -117,6 +123,8 @@ class _Pending:
         self.started = started
         self.response: Optional[Response] = None
         self.linger = False
+        # What dispatch returned, to cancel it when the client goes away first.
+        self.deferred: Optional[defer.Deferred] = None
 
 
 def send_now(transport, data: bytes) -> None:
@@ -265,7 +273,7 @@ class HTTP1Protocol(Protocol):
         self._lost = True
         self._closing = True
         self._parser_dead = True
-        self._queue.clear()     # responses still being computed are dropped when they arrive
+        self._drop_queue()
         for call in (self._timer, self._linger_call):
             if call is not None and call.active():
                 call.cancel()
@@ -276,6 +284,21 @@ class HTTP1Protocol(Protocol):
         waiters, self._closed_waiters = self._closed_waiters, []
         for d in waiters:
             d.callback(None)
+
+    def _drop_queue(self) -> None:
+        """Nobody will read the answers: cancel what was dispatched and not yet answered.
+
+        A request still queued on the DB thread is then skipped (DBThread.submit); the one
+        running now finishes (and commits) and its answer is discarded. Front to back, so
+        the next job the DB thread would take is the first one cancelled.
+        """
+        queue = self._queue
+        while queue:
+            entry = queue.popleft()
+            deferred = entry.deferred
+            if entry.response is None and deferred is not None:
+                entry.deferred = None
+                deferred.cancel()
 
     def readConnectionLost(self) -> None:
         """The peer will send nothing more (it half-closed): answer what came, then close."""
@@ -503,8 +526,8 @@ class HTTP1Protocol(Protocol):
             self._on_response(self._answer, entry)
             return
         try:
-            self._dispatch(request).addCallbacks(self._on_response, self._on_dispatch_error,
-                                                 (entry,), None, (entry,))
+            d = entry.deferred = self._dispatch(request)
+            d.addCallbacks(self._on_response, self._on_dispatch_error, (entry,), None, (entry,))
         except Exception:
             log.failure("dispatching {method} {path} failed", method=method, path=path)
             if entry.response is None:
@@ -512,6 +535,8 @@ class HTTP1Protocol(Protocol):
 
     # -- output ----------------------------------------------------------------------------------
     def _on_dispatch_error(self, failure: Failure, entry: _Pending) -> None:
+        if self._closing and failure.check(defer.CancelledError):
+            return None     # cancelled by _drop_queue: the client is gone
         log.failure("request {method} {path} failed", failure,
                     method=entry.method, path=entry.request.path)
         self._on_response(internal_error(), entry)
@@ -541,6 +566,7 @@ class HTTP1Protocol(Protocol):
             if response is None:
                 break
             queue.popleft()
+            entry.deferred = None
             if response.abort:
                 self._log(entry, 0, 0)
                 if out:
@@ -691,7 +717,7 @@ class HTTP1Protocol(Protocol):
         self._closing = True
         self._accepting = False
         self._parser_dead = True
-        self._queue.clear()
+        self._drop_queue()
         self.transport.abortConnection()
 
     # -- flow control ------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple, Union
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -148,7 +148,9 @@ class LocalExecutor:
         self._unavailable_count = 0
 
     def execute(self, request: Request) -> Deferred:
-        """Fires with the `Response` for ``request``; never fails."""
+        """Fires with the `Response` for ``request``; never fails, except with
+        `CancelledError` when the caller cancels it (the client went away): a request
+        still queued on the DB thread is then not run at all."""
         handler_id = self._handler_for_listener(request.listener_id)
         if handler_id is None:
             return succeed(Response(status=404, headers=[], body=b""))
@@ -169,6 +171,8 @@ class LocalExecutor:
         return outcome
 
     def _failed(self, failure: Failure, request: Request, handler_id: int) -> Response:
+        if failure.check(CancelledError):
+            return failure      # the caller cancelled: nobody to answer, nothing to log
         if failure.check(DatabaseUnavailable):
             # One line per outage burst, not one per request (the DB thread logs the
             # loss and the reconnection itself).
@@ -190,6 +194,8 @@ class LocalExecutor:
         return response.internal_error()
 
     def _bug(self, failure: Failure, request: Request) -> Response:
+        if failure.check(CancelledError):
+            return failure
         log.failure("building the response for {method} {path}", failure,
                     method=request.method, path=request.path)
         return response.internal_error()

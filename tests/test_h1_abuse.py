@@ -155,6 +155,35 @@ def test_null_body_http2(daemon):
     assert lengths == ["0", "0", None]
 
 
+# -- 3. work nobody waits for is not run ---------------------------------------------------------
+
+def test_queued_requests_of_a_closed_connection_do_not_run(daemon):
+    sql(daemon.dsn, "CREATE TABLE IF NOT EXISTS runs (id serial PRIMARY KEY, path text)")
+    port = serve(daemon, """WITH ran AS (INSERT INTO runs(path) SELECT request.path FROM request RETURNING 1)
+                            SELECT omni_httpd.http_response('ran') FROM ran, (SELECT pg_sleep(0.4)) s""")
+    probe = serve(daemon, "SELECT omni_httpd.http_response('probe') FROM request")
+    count = 12
+    sock = connect(port)
+    sock.sendall(b"".join(b"GET /%d HTTP/1.1\r\nHost: t\r\n\r\n" % i for i in range(count)))
+    # The first request is running (so all of them have been read and queued) ...
+    wait_until(lambda: sql(daemon.dsn, """SELECT count(*) FROM pg_stat_activity
+                                           WHERE state = 'active' AND query LIKE 'EXECUTE omni_httpd_h%%'""",
+                           fetch=True)[0][0], timeout=10, what="the first handler running")
+    sock.close()    # ... and the client goes away without reading anything.
+    # The probe queues behind whatever the worker still has queued: once it is answered,
+    # everything queued before it has run or been dropped.
+    with connect(probe) as other:
+        other.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert Reader(other).response()[::2] == (200, b"probe")
+    ran = sql(daemon.dsn, "SELECT path FROM runs ORDER BY id", fetch=True)
+    # The one running when the client left finishes (and commits); the worker notices the
+    # client is gone when it writes that answer, by which time at most two more have
+    # started. The rest are never run.
+    assert 1 <= len(ran) <= 3, ran
+    assert [path for (path,) in ran] == ["/%d" % i for i in range(len(ran))]
+    assert "Traceback" not in daemon.output
+
+
 # -- 4. RFC 9112 framing and target rules -------------------------------------------------------
 
 def exchange(port: int, data: bytes) -> List[Tuple[int, dict, bytes]]:

@@ -43,17 +43,25 @@ class FakeDispatch:
     def __init__(self, answer=None, manual=False):
         self.requests: List[Request] = []
         self.deferreds: List[defer.Deferred] = []
+        self.cancelled: List[str] = []      # paths whose Deferred was cancelled
         self.answer = answer or (lambda request: Response(200, [("content-type", "text/plain")],
                                                           b"hello " + request.path.encode()))
         self.manual = manual
 
     def __call__(self, request: Request) -> defer.Deferred:
         self.requests.append(request)
+        # No canceller, like the DB thread's: a result arriving after a cancel is ignored.
         d = defer.Deferred()
+        d.addErrback(self._saw_cancel, request.path)
         self.deferreds.append(d)
         if not self.manual:
             d.callback(self.answer(request))
         return d
+
+    def _saw_cancel(self, failure, path):
+        if failure.check(defer.CancelledError):
+            self.cancelled.append(path)
+        return failure
 
 
 class Conn:
@@ -320,6 +328,26 @@ def test_pipeline_cap_pauses_reading_until_drained():
     assert c.transport.producerState == "paused"
     d.deferreds[http1.MAX_PIPELINE - http1.RESUME_PIPELINE - 1].callback(Response(200, [], b""))
     assert c.transport.producerState == "producing"
+
+
+def test_connection_lost_cancels_queued_dispatches():
+    """A client that is gone gets nothing: what it queued is cancelled, so the DB thread
+    skips whatever has not started (DBThread.submit)."""
+    d = FakeDispatch(manual=True)
+    c = Conn(d)
+    c.send(b"".join(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in (1, 2, 3)))
+    d.deferreds[1].callback(Response(200, [], b"done, waiting for /1"))
+    c.proto.connectionLost(None)
+    assert d.cancelled == ["/1", "/3"]      # /2 was answered already
+    assert c.transport.value() == b""
+
+
+def test_abort_outcome_cancels_the_requests_queued_behind_it():
+    d = FakeDispatch(manual=True)
+    c = Conn(d)
+    c.send(b"".join(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in (1, 2, 3)))
+    d.deferreds[0].callback(ABORT)
+    assert d.cancelled == ["/2", "/3"] and c.transport.value() == b""
 
 
 def test_write_backpressure_pauses_reading():
