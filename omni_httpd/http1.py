@@ -34,9 +34,14 @@ Decisions a caller or operator may want to know:
   of a connection reset.
 - Pipelining: requests are parsed ahead and dispatched in arrival order; at most
   `MAX_PIPELINE` may wait for their responses before reading from the connection
-  pauses. Reading also pauses while the transport's write buffer is full (the protocol
-  is the transport's streaming producer), so a client that sends but never reads
-  cannot make the worker buffer without bound.
+  pauses, and reading also pauses while the bodies of waiting requests plus the one
+  being read exceed ``Settings.max_pipeline_bytes`` (``--max-pipeline-bytes``; a request
+  alone on its connection is bounded by ``--max-body`` instead). Input is parsed
+  `FEED_SLICE` bytes at a time so that a single read cannot overshoot these limits by
+  more than a slice; the rest of the read waits unparsed. Reading also pauses while the
+  transport's write buffer is full (the protocol is the transport's streaming
+  producer), so a client that sends but never reads cannot make the worker buffer
+  without bound.
 - A client that goes away (connection lost or aborted) has its waiting requests
   cancelled: those the DB thread has not started are never run; the one running
   finishes (and commits, a handler's transaction is not tied to the client) and its
@@ -76,6 +81,11 @@ log = Logger()
 MAX_PIPELINE = 32
 #: ... and reading resumes once the backlog is down to this.
 RESUME_PIPELINE = 16
+# (The bytes those requests hold are bounded too: Settings.max_pipeline_bytes.)
+#: Input is parsed at most this much at a time, so that once the pipeline is full the
+#: rest of a read waits unparsed (`_held`) instead of becoming hundreds more requests
+#: (one 64 KiB read holds ~2400 minimal GETs); a slice holds at most ~75 of them.
+FEED_SLICE = 2048
 #: Longest request target accepted (414 above).
 MAX_URL = 8 * 1024
 #: How long unread input is discarded after an error answer before closing for good.
@@ -84,7 +94,7 @@ LINGER_SECONDS = 2.0
 # Parser states of the message being received.
 _IDLE, _HEAD, _BODY = 0, 1, 2
 # Why reading is paused (bit flags).
-_PAUSE_PIPELINE, _PAUSE_BACKPRESSURE = 1, 2
+_PAUSE_PIPELINE, _PAUSE_BACKPRESSURE, _PAUSE_BYTES = 1, 2, 4
 
 _SERVER_LINE = "server: omni_httpd\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -110,7 +120,7 @@ class _Pending:
     """One request (or server-generated error) waiting for its turn to be answered."""
 
     __slots__ = ("request", "method", "target", "version", "keep_alive", "head", "started",
-                 "response", "linger", "deferred")
+                 "response", "linger", "deferred", "size")
 
     def __init__(self, request: Request, method: str, target: str, version: str,
                  keep_alive: bool, started: float) -> None:
@@ -125,6 +135,7 @@ class _Pending:
         self.linger = False
         # What dispatch returned, to cancel it when the client goes away first.
         self.deferred: Optional[defer.Deferred] = None
+        self.size = len(request.body)       # counted in HTTP1Protocol._queued_bytes
 
 
 def send_now(transport, data: bytes) -> None:
@@ -202,6 +213,7 @@ class HTTP1Protocol(Protocol):
         self._worker_label = worker_label
         self._max_body = settings.max_body
         self._max_head = settings.max_header_size
+        self._max_buffered = settings.max_pipeline_bytes
         self._access_log = settings.access_log
         self._header_timeout = settings.header_timeout or 0
         self._body_timeout = settings.body_timeout or 0
@@ -214,13 +226,17 @@ class HTTP1Protocol(Protocol):
         self._parser = httptools.HttpRequestParser(self)
         self._peer = ""
         self._queue: Deque[_Pending] = deque()
+        self._queued_bytes = 0          # request bodies held by the entries in _queue
         self._state = _IDLE
         self._accepting = True          # may a new message begin?
         self._parser_dead = False       # ignore all further input
         self._closing = False
         self._lost = False
         self._lingering = False
-        self._paused = 0
+        self._paused = 0                # why reading is paused (_PAUSE_* bits)
+        self._transport_paused = False  # did we pause the transport (pauseProducing)?
+        self._held = b""                # received, not parsed yet: waits for _resume_reading
+        self._eof_held = False          # the peer half-closed after the held input
         self._timer = None
         self._linger_call = None
         self._closed_waiters: List[defer.Deferred] = []
@@ -273,6 +289,7 @@ class HTTP1Protocol(Protocol):
         self._lost = True
         self._closing = True
         self._parser_dead = True
+        self._held = b""
         self._drop_queue()
         for call in (self._timer, self._linger_call):
             if call is not None and call.active():
@@ -299,9 +316,13 @@ class HTTP1Protocol(Protocol):
             if entry.response is None and deferred is not None:
                 entry.deferred = None
                 deferred.cancel()
+        self._queued_bytes = 0
 
     def readConnectionLost(self) -> None:
         """The peer will send nothing more (it half-closed): answer what came, then close."""
+        if self._held and not self._closing:
+            self._eof_held = True   # requests it sent are still held: after them (_resume_reading)
+            return
         self._accepting = False
         if self._lingering or self._closing:
             self.transport.loseConnection()
@@ -340,6 +361,28 @@ class HTTP1Protocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._parser_dead:
             return
+        if self._held:
+            self._held += data      # earlier input still waits to be parsed: keep the order
+            return
+        if len(data) <= FEED_SLICE:
+            self._feed(data)
+        else:
+            self._feed_slices(data)
+
+    def _feed_slices(self, data: bytes) -> None:
+        """Parse ``data`` a slice at a time; what is left when reading pauses is held."""
+        end = len(data)
+        pos = 0
+        while pos < end:
+            if self._paused:
+                self._held = data[pos:]
+                return
+            self._feed(data[pos:pos + FEED_SLICE])
+            if self._parser_dead:
+                return
+            pos += FEED_SLICE
+
+    def _feed(self, data: bytes) -> None:
         if self._state == _HEAD:
             # Bytes of a head that began in an earlier read: bounds what llhttp buffers for
             # a header line that never ends (completed lines are counted in on_header).
@@ -499,6 +542,11 @@ class HTTP1Protocol(Protocol):
         if size > self._max_body:
             self._fail(413, "Content too large")
             raise _Stop()
+        if self._queue and self._queued_bytes + size > self._max_buffered:
+            # Bodies waiting for their turn plus this one are over the budget: stop
+            # reading until answers go out (_flush). A request alone on its connection is
+            # bounded by max_body instead, so the budget never blocks the only request.
+            self._pause_reading(_PAUSE_BYTES)
         self._body.append(body)
         self._continue_pending = False    # the client did not wait for 100 Continue
         self._progress = self._clock.seconds()
@@ -506,8 +554,14 @@ class HTTP1Protocol(Protocol):
     def on_message_complete(self) -> None:
         if self._upgrade_framing is not None:
             return      # the body follows; see _read_upgrade_body
-        body = self._body
-        body = b"" if not body else body[0] if len(body) == 1 else b"".join(body)
+        chunks = self._body
+        if chunks:
+            body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            self._body = []     # not held twice while the request waits
+            self._body_len = 0
+            self._queued_bytes += len(body)
+        else:
+            body = b""
         url = self._url.decode("latin-1")      # llhttp accepts ASCII targets only
         path, query = _split(url)
         method = self._method.decode("latin-1")
@@ -566,6 +620,7 @@ class HTTP1Protocol(Protocol):
             if response is None:
                 break
             queue.popleft()
+            self._queued_bytes -= entry.size
             entry.deferred = None
             if response.abort:
                 self._log(entry, 0, 0)
@@ -596,8 +651,13 @@ class HTTP1Protocol(Protocol):
                 self._continue_pending = False
                 self._progress = self._clock.seconds()
                 send_now(self.transport, _CONTINUE)
-        if self._paused & _PAUSE_PIPELINE and len(queue) <= RESUME_PIPELINE:
-            self._resume_reading(_PAUSE_PIPELINE)
+        paused = self._paused
+        if paused:
+            if paused & _PAUSE_PIPELINE and len(queue) <= RESUME_PIPELINE:
+                self._resume_reading(_PAUSE_PIPELINE)
+            if paused & _PAUSE_BYTES and (
+                    not queue or self._queued_bytes + self._body_len <= self._max_buffered):
+                self._resume_reading(_PAUSE_BYTES)
 
     def _write(self, out: List[bytes]) -> None:
         send_now(self.transport, out[0] if len(out) == 1 else b"".join(out))
@@ -698,6 +758,7 @@ class HTTP1Protocol(Protocol):
         self._accepting = False
         self._parser_dead = True
         transport = self.transport
+        self._held = b""
         try:
             transport.unregisterProducer()  # a paused producer would keep the connection open
         except Exception:
@@ -705,7 +766,8 @@ class HTTP1Protocol(Protocol):
         if linger and _plain_tcp(transport):
             self._lingering = True
             transport.loseWriteConnection()
-            if self._paused:
+            if self._transport_paused:
+                self._transport_paused = False
                 transport.resumeProducing()  # read and discard, so the peer's FIN is seen
             self._linger_call = self._clock.callLater(LINGER_SECONDS, transport.loseConnection)
         else:
@@ -722,7 +784,8 @@ class HTTP1Protocol(Protocol):
 
     # -- flow control ------------------------------------------------------------------------------
     def _pause_reading(self, reason: int) -> None:
-        if not self._paused and not self._closing:
+        if not self._transport_paused and not self._closing:
+            self._transport_paused = True
             self.transport.pauseProducing()
         self._paused |= reason
 
@@ -732,7 +795,20 @@ class HTTP1Protocol(Protocol):
             if not self._paused and not self._closing:
                 # Time spent paused by us does not count against the client.
                 self._head_since = self._progress = self._clock.seconds()
-                self.transport.resumeProducing()
+                if self._held:
+                    # Parse what was held back first; it may pause reading again. (Never
+                    # re-entered from a parser callback: input is only held between reads.)
+                    held, self._held = self._held, b""
+                    self._feed_slices(held)
+                    if self._paused or self._closing:
+                        return
+                if self._eof_held:
+                    self._eof_held = False
+                    self.readConnectionLost()
+                    return
+                if self._transport_paused:
+                    self._transport_paused = False
+                    self.transport.resumeProducing()
 
     # IPushProducer, for the transport: its write buffer is full / has drained.
     def pauseProducing(self) -> None:

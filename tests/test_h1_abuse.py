@@ -155,6 +155,97 @@ def test_null_body_http2(daemon):
     assert lengths == ["0", "0", None]
 
 
+# -- 2. pipelined bodies: the worker's memory stays bounded --------------------------------------
+
+def vm_rss(pid: int) -> int:
+    with open("/proc/%d/status" % pid) as handle:
+        match = re.search(r"^VmRSS:\s+(\d+) kB", handle.read(), re.M)
+    return int(match.group(1)) * 1024
+
+
+class RssSampler(threading.Thread):
+    """Highest VmRSS of ``pid`` seen until stopped (sampled every 10 ms)."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.peak = vm_rss(pid)
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.wait(0.01):
+            self.peak = max(self.peak, vm_rss(self.pid))
+
+    def stop(self) -> int:
+        self.halt.set()
+        self.join(10)
+        return self.peak
+
+
+BODY_LENGTH = "SELECT omni_httpd.http_response(length(request.body)::text) FROM request"
+
+
+def pipeline_bodies(port: int, sizes: List[int], chunked: bool = False) -> List[Tuple[int, bytes]]:
+    """Send one request per size without waiting (from a thread), read every answer."""
+    blob = memoryview(b"b" * max(sizes))
+    errors: List[BaseException] = []
+
+    def send(sock):
+        try:
+            for size in sizes:
+                if chunked:
+                    sock.sendall(b"POST /up HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n")
+                    for offset in range(0, size, MiB):
+                        piece = blob[offset:min(size, offset + MiB)]
+                        sock.sendall(b"%x\r\n" % len(piece))
+                        sock.sendall(piece)
+                        sock.sendall(b"\r\n")
+                    sock.sendall(b"0\r\n\r\n")
+                else:
+                    sock.sendall(b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % size)
+                    sock.sendall(blob[:size])
+        except BaseException as exc:     # reported by the reading side
+            errors.append(exc)
+
+    with connect(port, timeout=60) as sock:
+        sender = threading.Thread(target=send, args=(sock,), daemon=True)
+        sender.start()
+        reader = Reader(sock)
+        answers = [reader.response()[::2] for _ in sizes]
+        sender.join(60)
+    assert not errors, errors
+    return answers
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_pipelined_large_bodies_keep_worker_memory_bounded(daemon, chunked):
+    port = serve(daemon, BODY_LENGTH)
+    [pid] = daemon.worker_pids()
+    # Reference: the worker's peak while serving full-size requests one at a time (the
+    # body, its SQL literal on the DB thread, allocator arenas).
+    sampler = RssSampler(pid)
+    sampler.start()
+    try:
+        for _ in range(2):
+            assert pipeline_bodies(port, [16 * MiB], chunked) == [(200, b"%d" % (16 * MiB))]
+    finally:
+        one_at_a_time = sampler.stop()
+    sampler = RssSampler(pid)
+    sampler.start()
+    try:
+        sizes = [16 * MiB - i for i in range(24)]   # 384 MiB pipelined on one connection
+        answers = pipeline_bodies(port, sizes, chunked)
+    finally:
+        pipelined = sampler.stop()
+    assert answers == [(200, b"%d" % size) for size in sizes]
+    print("worker peak RSS: one at a time %d MiB, 24 pipelined %d MiB"
+          % (one_at_a_time // MiB, pipelined // MiB))
+    # What one connection may hold while its requests wait is --max-pipeline-bytes (1M)
+    # beyond the request being handled, not what the client sent (384 MiB).
+    assert pipelined - one_at_a_time < 48 * MiB, \
+        "pipelining grew the worker by %d MiB" % ((pipelined - one_at_a_time) // MiB)
+
+
 # -- 3. work nobody waits for is not run ---------------------------------------------------------
 
 def test_queued_requests_of_a_closed_connection_do_not_run(daemon):
@@ -260,3 +351,17 @@ def test_options_asterisk_answered_by_the_server(daemon, counting_port):
     assert "CONNECT" not in headers["allow"]
     assert after[::2] == (200, b"handled")     # the connection stays usable
     assert reached(daemon) == before + 1       # only GET /after reached the handler
+
+
+def test_max_pipeline_bytes_option():
+    from omni_httpd.tap import Options
+
+    options = Options(environ={})
+    options.parseOptions([])
+    assert options.settings.max_pipeline_bytes == MiB
+    options = Options(environ={})
+    options.parseOptions(["--max-pipeline-bytes", "256K"])
+    assert options.settings.max_pipeline_bytes == 256 * 1024
+    options = Options(environ={"OMNI_HTTPD_MAX_PIPELINE_BYTES": "2M"})
+    options.parseOptions([])
+    assert options.settings.max_pipeline_bytes == 2 * MiB

@@ -330,6 +330,70 @@ def test_pipeline_cap_pauses_reading_until_drained():
     assert c.transport.producerState == "producing"
 
 
+def answer_all(d: FakeDispatch, limit: int = 10_000) -> None:
+    """Answer every dispatched request, including those dispatched meanwhile."""
+    answered = 0
+    while answered < len(d.deferreds) and answered < limit:
+        d.deferreds[answered].callback(Response(200, [], d.requests[answered].path.encode()))
+        answered += 1
+
+
+def test_pipeline_cap_holds_within_one_read():
+    """A single read full of tiny requests does not become hundreds of queued requests:
+    parsing stops once the pipeline is full and the rest of the read waits unparsed."""
+    d = FakeDispatch(manual=True)
+    c = Conn(d)
+    one = b"GET /%03d HTTP/1.1\r\nHost: x\r\n\r\n"
+    c.send(b"".join(one % i for i in range(300)))        # ~9 KB, one dataReceived
+    per_slice = http1.FEED_SLICE // len(one % 0) + 1
+    assert http1.MAX_PIPELINE <= len(d.requests) <= http1.MAX_PIPELINE + per_slice
+    assert c.transport.producerState == "paused"
+    answer_all(d)
+    assert [r.body for r in c.responses()] == [b"/%03d" % i for i in range(300)]
+    assert c.transport.producerState == "producing" and not c.closed
+
+
+def test_half_close_after_held_requests_answers_them_all():
+    d = FakeDispatch(manual=True)
+    c = Conn(d)
+    c.send(b"".join(b"GET /%03d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(200)))
+    c.proto.readConnectionLost()
+    assert not c.closed
+    answer_all(d)
+    resps = c.responses()
+    assert [r.body for r in resps] == [b"/%03d" % i for i in range(200)]
+    assert resps[-1].header("connection") == "close" and c.closed
+
+
+def post(body: bytes, path: bytes = b"/up") -> bytes:
+    return b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (path, len(body), body)
+
+
+def test_pipeline_byte_budget_pauses_reading_until_answers_go_out():
+    d = FakeDispatch(manual=True)
+    c = Conn(d, max_body=1000, max_pipeline_bytes=1000)
+    c.send(post(b"a" * 900))            # alone on the connection: bounded by max_body only
+    c.send(post(b"b" * 50))             # 950 waiting: under the budget
+    assert c.transport.producerState == "producing"
+    c.send(post(b"c" * 100)[:-40])      # 950 waiting + 60 arriving: over it
+    assert c.transport.producerState == "paused"
+    d.deferreds[0].callback(Response(200, [], b"A"))   # 900 bytes answered and released
+    assert c.transport.producerState == "producing"
+    c.send(b"c" * 40)
+    assert [len(r.body) for r in d.requests] == [900, 50, 100]
+    for deferred in d.deferreds[1:]:
+        deferred.callback(Response(200, [], b"."))
+    assert [r.body for r in c.responses()] == [b"A", b".", b"."]
+    assert c.proto._queued_bytes == 0
+
+
+def test_pipeline_byte_budget_does_not_block_a_lone_large_body():
+    d = FakeDispatch(manual=True)
+    c = Conn(d, max_body=10_000, max_pipeline_bytes=100)
+    c.send(post(b"x" * 5000))
+    assert c.transport.producerState == "producing" and len(d.requests) == 1
+
+
 def test_connection_lost_cancels_queued_dispatches():
     """A client that is gone gets nothing: what it queued is cancelled, so the DB thread
     skips whatever has not started (DBThread.submit)."""
