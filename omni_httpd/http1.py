@@ -364,25 +364,9 @@ class HTTP1Protocol(Protocol):
         if self._held:
             self._held += data      # earlier input still waits to be parsed: keep the order
             return
-        if len(data) <= FEED_SLICE:
-            self._feed(data)
-        else:
+        if len(data) > FEED_SLICE:
             self._feed_slices(data)
-
-    def _feed_slices(self, data: bytes) -> None:
-        """Parse ``data`` a slice at a time; what is left when reading pauses is held."""
-        end = len(data)
-        pos = 0
-        while pos < end:
-            if self._paused:
-                self._held = data[pos:]
-                return
-            self._feed(data[pos:pos + FEED_SLICE])
-            if self._parser_dead:
-                return
-            pos += FEED_SLICE
-
-    def _feed(self, data: bytes) -> None:
+            return
         if self._state == _HEAD:
             # Bytes of a head that began in an earlier read: bounds what llhttp buffers for
             # a header line that never ends (completed lines are counted in on_header).
@@ -412,6 +396,23 @@ class HTTP1Protocol(Protocol):
             return
         if self._state == _HEAD and self._head_wire > self._max_head:
             self._fail(431, "Request header fields too large")
+
+    def _feed_slices(self, data: bytes) -> None:
+        """Parse ``data`` a slice at a time; what is left when reading pauses is held.
+
+        Each slice goes through dataReceived (``_held`` is empty while this runs), which
+        parses a read of at most FEED_SLICE bytes in one call, the common case.
+        """
+        end = len(data)
+        pos = 0
+        while pos < end:
+            if self._paused:
+                self._held = data[pos:]
+                return
+            HTTP1Protocol.dataReceived(self, data[pos:pos + FEED_SLICE])
+            if self._parser_dead:
+                return
+            pos += FEED_SLICE
 
     def _parse_error(self, exc: Exception) -> None:
         if isinstance(exc, httptools.HttpParserCallbackError):
@@ -462,6 +463,8 @@ class HTTP1Protocol(Protocol):
             self._fail(431, "Request header fields too large")
             raise _Stop()
         lname = name.lower()
+        # llhttp drops leading whitespace only; trailing whitespace is not part of the value.
+        value = value.rstrip(b" \t")
         if lname == b"host":
             self._hosts += 1
             self._host = value
@@ -471,8 +474,7 @@ class HTTP1Protocol(Protocol):
             self._chunked = True                   # llhttp insists chunked comes last
         elif lname == b"expect":
             self._expect_continue = value.strip().lower() == b"100-continue"
-        # llhttp drops leading whitespace only; trailing whitespace is not part of the value.
-        self._headers.append((lname.decode("latin-1"), value.rstrip(b" \t").decode("latin-1")))
+        self._headers.append((lname.decode("latin-1"), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
         if self._synthetic:
@@ -496,7 +498,7 @@ class HTTP1Protocol(Protocol):
                 self._fail(400, "Bad request: more than one Host header" if self._hosts
                            else "Bad request: missing Host header")
                 raise _Stop()
-        elif not _HOST(self._host.rstrip(b" \t")):
+        elif not _HOST(self._host):
             self._fail(400, "Bad request: invalid Host header")
             raise _Stop()
         if self._chunked and version == "1.0":
