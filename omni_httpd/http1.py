@@ -17,6 +17,16 @@ Decisions a caller or operator may want to know:
 - ``Upgrade`` requests are served as ordinary requests (the upgrade is ignored; HTTP/2
   over cleartext is prior knowledge only).
 - Absolute-form targets (``GET http://host/p``) are reduced to their path.
+- Never reach a handler (RFC 9112): ``CONNECT`` (any target) is ``501`` and the
+  connection is closed (no tunnels; what follows the head would be tunnel bytes);
+  ``OPTIONS *`` is answered here, ``200`` with ``allow`` listing the methods handlers
+  get, connection kept; ``*`` with any other method is ``400``. An HTTP/1.1 request
+  without ``Host``, any request with more than one ``Host`` or a ``Host`` that is not
+  host[:port], and ``Transfer-Encoding`` in an HTTP/1.0 request are ``400`` (and close).
+  llhttp itself refuses Content-Length together with Transfer-Encoding, duplicate
+  Content-Length, and a Transfer-Encoding whose last coding is not chunked (``400``).
+- A response without a body (``Response.body`` None) still says ``content-length: 0``
+  unless its status is 1xx, 204 or 304: every message is delimited.
 - A handler's own ``Date`` and ``Server`` headers replace the ones the server adds.
 - Error answers generated here close the connection; when the peer may still be
   sending (413 before the body was read, ...) the write side is shut first and unread
@@ -24,9 +34,20 @@ Decisions a caller or operator may want to know:
   of a connection reset.
 - Pipelining: requests are parsed ahead and dispatched in arrival order; at most
   `MAX_PIPELINE` may wait for their responses before reading from the connection
-  pauses. Reading also pauses while the transport's write buffer is full (the protocol
-  is the transport's streaming producer), so a client that sends but never reads
-  cannot make the worker buffer without bound.
+  pauses, and reading also pauses while the bodies of waiting requests plus the one
+  being read exceed ``Settings.max_pipeline_bytes`` (``--max-pipeline-bytes``; a request
+  alone on its connection is bounded by ``--max-body`` instead). Input is parsed
+  `FEED_SLICE` bytes at a time so that a single read cannot overshoot these limits by
+  more than a slice; the rest of the read waits unparsed. Reading also pauses while the
+  transport's write buffer is full (the protocol is the transport's streaming
+  producer), so a client that sends but never reads cannot make the worker buffer
+  without bound.
+- A client that goes away (connection lost or aborted) has its waiting requests
+  cancelled: those the DB thread has not started are never run; the one running
+  finishes (and commits, a handler's transaction is not tied to the client) and its
+  answer is dropped. A client that only half-closes is still answered. A client that
+  closes right after sending looks like a half-close until the first answer is refused,
+  so the request running then and the next one or two may still run.
 
 Graceful shutdown: every connected protocol is in `HTTP1Protocol.live` (a WeakSet),
 and in ``protocol.registry`` when the factory set one before the connection was made.
@@ -60,6 +81,11 @@ log = Logger()
 MAX_PIPELINE = 32
 #: ... and reading resumes once the backlog is down to this.
 RESUME_PIPELINE = 16
+# (The bytes those requests hold are bounded too: Settings.max_pipeline_bytes.)
+#: Input is parsed at most this much at a time, so that once the pipeline is full the
+#: rest of a read waits unparsed (`_held`) instead of becoming hundreds more requests
+#: (one 64 KiB read holds ~2400 minimal GETs); a slice holds at most ~75 of them.
+FEED_SLICE = 2048
 #: Longest request target accepted (414 above).
 MAX_URL = 8 * 1024
 #: How long unread input is discarded after an error answer before closing for good.
@@ -68,7 +94,7 @@ LINGER_SECONDS = 2.0
 # Parser states of the message being received.
 _IDLE, _HEAD, _BODY = 0, 1, 2
 # Why reading is paused (bit flags).
-_PAUSE_PIPELINE, _PAUSE_BACKPRESSURE = 1, 2
+_PAUSE_PIPELINE, _PAUSE_BACKPRESSURE, _PAUSE_BYTES = 1, 2, 4
 
 _SERVER_LINE = "server: omni_httpd\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -78,6 +104,12 @@ _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+").fullmatch
 _BAD_VALUE = re.compile(r"[\r\n\x00]").search
 _STATUS_LINES = {code: "HTTP/1.1 %d %s\r\n" % (code, reason) for code, reason in REASONS.items()}
 _ABSOLUTE_FORM = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^/?#]*").match
+# RFC 9112 3.2: Host is uri-host [":" port]; anything else (spaces, "/", "@", ...) is a 400.
+# Deliberately loose about the exact grammar: it only keeps what is not a host away from
+# handlers that route on it.
+_HOST = re.compile(rb"[A-Za-z0-9\-._~%!$&'()*+,;=:\[\]]*").fullmatch
+# OPTIONS * (RFC 9110 9.3.7) asks about the server as a whole; the methods a handler can get.
+_ALLOW = ", ".join(sorted(m.decode() for m in METHODS if m != b"CONNECT"))
 
 
 class _Stop(Exception):
@@ -88,7 +120,7 @@ class _Pending:
     """One request (or server-generated error) waiting for its turn to be answered."""
 
     __slots__ = ("request", "method", "target", "version", "keep_alive", "head", "started",
-                 "response", "linger")
+                 "response", "linger", "deferred", "size")
 
     def __init__(self, request: Request, method: str, target: str, version: str,
                  keep_alive: bool, started: float) -> None:
@@ -101,6 +133,9 @@ class _Pending:
         self.started = started
         self.response: Optional[Response] = None
         self.linger = False
+        # What dispatch returned, to cancel it when the client goes away first.
+        self.deferred: Optional[defer.Deferred] = None
+        self.size = len(request.body)       # counted in HTTP1Protocol._queued_bytes
 
 
 def send_now(transport, data: bytes) -> None:
@@ -178,6 +213,7 @@ class HTTP1Protocol(Protocol):
         self._worker_label = worker_label
         self._max_body = settings.max_body
         self._max_head = settings.max_header_size
+        self._max_buffered = settings.max_pipeline_bytes
         self._access_log = settings.access_log
         self._header_timeout = settings.header_timeout or 0
         self._body_timeout = settings.body_timeout or 0
@@ -190,13 +226,17 @@ class HTTP1Protocol(Protocol):
         self._parser = httptools.HttpRequestParser(self)
         self._peer = ""
         self._queue: Deque[_Pending] = deque()
+        self._queued_bytes = 0          # request bodies held by the entries in _queue
         self._state = _IDLE
         self._accepting = True          # may a new message begin?
         self._parser_dead = False       # ignore all further input
         self._closing = False
         self._lost = False
         self._lingering = False
-        self._paused = 0
+        self._paused = 0                # why reading is paused (_PAUSE_* bits)
+        self._transport_paused = False  # did we pause the transport (pauseProducing)?
+        self._held = b""                # received, not parsed yet: waits for _resume_reading
+        self._eof_held = False          # the peer half-closed after the held input
         self._timer = None
         self._linger_call = None
         self._closed_waiters: List[defer.Deferred] = []
@@ -224,6 +264,9 @@ class HTTP1Protocol(Protocol):
         self._method = b""
         self._version = "1.1"
         self._keep_alive = True
+        self._hosts = 0
+        self._host = b""
+        self._answer: Optional[Response] = None     # answered here, never dispatched
 
     # -- connection life cycle -----------------------------------------------------------------
     def connectionMade(self) -> None:
@@ -246,7 +289,8 @@ class HTTP1Protocol(Protocol):
         self._lost = True
         self._closing = True
         self._parser_dead = True
-        self._queue.clear()     # responses still being computed are dropped when they arrive
+        self._held = b""
+        self._drop_queue()
         for call in (self._timer, self._linger_call):
             if call is not None and call.active():
                 call.cancel()
@@ -258,8 +302,27 @@ class HTTP1Protocol(Protocol):
         for d in waiters:
             d.callback(None)
 
+    def _drop_queue(self) -> None:
+        """Nobody will read the answers: cancel what was dispatched and not yet answered.
+
+        A request still queued on the DB thread is then skipped (DBThread.submit); the one
+        running now finishes (and commits) and its answer is discarded. Front to back, so
+        the next job the DB thread would take is the first one cancelled.
+        """
+        queue = self._queue
+        while queue:
+            entry = queue.popleft()
+            deferred = entry.deferred
+            if entry.response is None and deferred is not None:
+                entry.deferred = None
+                deferred.cancel()
+        self._queued_bytes = 0
+
     def readConnectionLost(self) -> None:
         """The peer will send nothing more (it half-closed): answer what came, then close."""
+        if self._held and not self._closing:
+            self._eof_held = True   # requests it sent are still held: after them (_resume_reading)
+            return
         self._accepting = False
         if self._lingering or self._closing:
             self.transport.loseConnection()
@@ -298,6 +361,12 @@ class HTTP1Protocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._parser_dead:
             return
+        if self._held:
+            self._held += data      # earlier input still waits to be parsed: keep the order
+            return
+        if len(data) > FEED_SLICE:
+            self._feed_slices(data)
+            return
         if self._state == _HEAD:
             # Bytes of a head that began in an earlier read: bounds what llhttp buffers for
             # a header line that never ends (completed lines are counted in on_header).
@@ -327,6 +396,23 @@ class HTTP1Protocol(Protocol):
             return
         if self._state == _HEAD and self._head_wire > self._max_head:
             self._fail(431, "Request header fields too large")
+
+    def _feed_slices(self, data: bytes) -> None:
+        """Parse ``data`` a slice at a time; what is left when reading pauses is held.
+
+        Each slice goes through dataReceived (``_held`` is empty while this runs), which
+        parses a read of at most FEED_SLICE bytes in one call, the common case.
+        """
+        end = len(data)
+        pos = 0
+        while pos < end:
+            if self._paused:
+                self._held = data[pos:]
+                return
+            HTTP1Protocol.dataReceived(self, data[pos:pos + FEED_SLICE])
+            if self._parser_dead:
+                return
+            pos += FEED_SLICE
 
     def _parse_error(self, exc: Exception) -> None:
         if isinstance(exc, httptools.HttpParserCallbackError):
@@ -377,14 +463,18 @@ class HTTP1Protocol(Protocol):
             self._fail(431, "Request header fields too large")
             raise _Stop()
         lname = name.lower()
-        if lname == b"content-length":
+        # llhttp drops leading whitespace only; trailing whitespace is not part of the value.
+        value = value.rstrip(b" \t")
+        if lname == b"host":
+            self._hosts += 1
+            self._host = value
+        elif lname == b"content-length":
             self._content_length = int(value)      # llhttp accepted it: digits only
         elif lname == b"transfer-encoding":
             self._chunked = True                   # llhttp insists chunked comes last
         elif lname == b"expect":
             self._expect_continue = value.strip().lower() == b"100-continue"
-        # llhttp drops leading whitespace only; trailing whitespace is not part of the value.
-        self._headers.append((lname.decode("latin-1"), value.rstrip(b" \t").decode("latin-1")))
+        self._headers.append((lname.decode("latin-1"), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
         if self._synthetic:
@@ -402,6 +492,33 @@ class HTTP1Protocol(Protocol):
         if version != "1.1" and version != "1.0":
             self._fail(505, "HTTP version not supported")
             raise _Stop()
+        # RFC 9112 3.2: exactly one valid Host in HTTP/1.1, at most one in HTTP/1.0.
+        if self._hosts != 1:
+            if self._hosts or version == "1.1":
+                self._fail(400, "Bad request: more than one Host header" if self._hosts
+                           else "Bad request: missing Host header")
+                raise _Stop()
+        elif not _HOST(self._host):
+            self._fail(400, "Bad request: invalid Host header")
+            raise _Stop()
+        if self._chunked and version == "1.0":
+            # RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing
+            # (an HTTP/1.0 intermediary may not have understood it either).
+            self._fail(400, "Bad request: Transfer-Encoding in an HTTP/1.0 request")
+            raise _Stop()
+        method = self._method
+        if method == b"CONNECT":
+            # No tunnels here; whatever follows the head would be tunnel bytes, so close.
+            self._fail(501, "CONNECT is not supported")
+            raise _Stop()
+        if self._url == b"*":
+            # asterisk-form: the server itself is asked, no resource (RFC 9112 3.2.4).
+            if method != b"OPTIONS":
+                self._fail(400, "Bad request: * is a target for OPTIONS only")
+                raise _Stop()
+            self._answer = Response(200, [("allow", _ALLOW)], b"")
+        elif method not in METHODS:
+            self._answer = error_response(501, "Not implemented")
         self._state = _BODY
         if self._content_length > 0 or self._chunked:
             if self._content_length > self._max_body:
@@ -427,6 +544,11 @@ class HTTP1Protocol(Protocol):
         if size > self._max_body:
             self._fail(413, "Content too large")
             raise _Stop()
+        if self._queue and self._queued_bytes + size > self._max_buffered:
+            # Bodies waiting for their turn plus this one are over the budget: stop
+            # reading until answers go out (_flush). A request alone on its connection is
+            # bounded by max_body instead, so the budget never blocks the only request.
+            self._pause_reading(_PAUSE_BYTES)
         self._body.append(body)
         self._continue_pending = False    # the client did not wait for 100 Continue
         self._progress = self._clock.seconds()
@@ -434,8 +556,14 @@ class HTTP1Protocol(Protocol):
     def on_message_complete(self) -> None:
         if self._upgrade_framing is not None:
             return      # the body follows; see _read_upgrade_body
-        body = self._body
-        body = b"" if not body else body[0] if len(body) == 1 else b"".join(body)
+        chunks = self._body
+        if chunks:
+            body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            self._body = []     # not held twice while the request waits
+            self._body_len = 0
+            self._queued_bytes += len(body)
+        else:
+            body = b""
         url = self._url.decode("latin-1")      # llhttp accepts ASCII targets only
         path, query = _split(url)
         method = self._method.decode("latin-1")
@@ -450,12 +578,12 @@ class HTTP1Protocol(Protocol):
         queue.append(entry)
         if len(queue) >= MAX_PIPELINE:
             self._pause_reading(_PAUSE_PIPELINE)
-        if self._method not in METHODS:
-            self._on_response(error_response(501, "Not implemented"), entry)
+        if self._answer is not None:
+            self._on_response(self._answer, entry)
             return
         try:
-            self._dispatch(request).addCallbacks(self._on_response, self._on_dispatch_error,
-                                                 (entry,), None, (entry,))
+            d = entry.deferred = self._dispatch(request)
+            d.addCallbacks(self._on_response, self._on_dispatch_error, (entry,), None, (entry,))
         except Exception:
             log.failure("dispatching {method} {path} failed", method=method, path=path)
             if entry.response is None:
@@ -463,6 +591,8 @@ class HTTP1Protocol(Protocol):
 
     # -- output ----------------------------------------------------------------------------------
     def _on_dispatch_error(self, failure: Failure, entry: _Pending) -> None:
+        if self._closing and failure.check(defer.CancelledError):
+            return None     # cancelled by _drop_queue: the client is gone
         log.failure("request {method} {path} failed", failure,
                     method=entry.method, path=entry.request.path)
         self._on_response(internal_error(), entry)
@@ -492,6 +622,8 @@ class HTTP1Protocol(Protocol):
             if response is None:
                 break
             queue.popleft()
+            self._queued_bytes -= entry.size
+            entry.deferred = None
             if response.abort:
                 self._log(entry, 0, 0)
                 if out:
@@ -521,8 +653,13 @@ class HTTP1Protocol(Protocol):
                 self._continue_pending = False
                 self._progress = self._clock.seconds()
                 send_now(self.transport, _CONTINUE)
-        if self._paused & _PAUSE_PIPELINE and len(queue) <= RESUME_PIPELINE:
-            self._resume_reading(_PAUSE_PIPELINE)
+        paused = self._paused
+        if paused:
+            if paused & _PAUSE_PIPELINE and len(queue) <= RESUME_PIPELINE:
+                self._resume_reading(_PAUSE_PIPELINE)
+            if paused & _PAUSE_BYTES and (
+                    not queue or self._queued_bytes + self._body_len <= self._max_buffered):
+                self._resume_reading(_PAUSE_BYTES)
 
     def _write(self, out: List[bytes]) -> None:
         send_now(self.transport, out[0] if len(out) == 1 else b"".join(out))
@@ -564,9 +701,14 @@ class HTTP1Protocol(Protocol):
         send_body = False
         if status < 200:
             close = True    # a 1xx cannot be a final answer; close so the client is not left waiting
-        elif status != 204 and status != 304 and body is not None:
-            parts.append("content-length: %d\r\n" % len(body))
-            send_body = not entry.head and len(body) > 0
+        elif status != 204 and status != 304:
+            if body is None:
+                # Every message must be delimited; a keep-alive client would otherwise
+                # wait for a body that never comes (see docs/sql-api.md, NULL body).
+                parts.append("content-length: 0\r\n")
+            else:
+                parts.append("content-length: %d\r\n" % len(body))
+                send_body = not entry.head and len(body) > 0
         if add_date:
             parts.append("date: %s\r\n" % http_date(self._clock.seconds()))
         if add_server:
@@ -618,6 +760,7 @@ class HTTP1Protocol(Protocol):
         self._accepting = False
         self._parser_dead = True
         transport = self.transport
+        self._held = b""
         try:
             transport.unregisterProducer()  # a paused producer would keep the connection open
         except Exception:
@@ -625,7 +768,8 @@ class HTTP1Protocol(Protocol):
         if linger and _plain_tcp(transport):
             self._lingering = True
             transport.loseWriteConnection()
-            if self._paused:
+            if self._transport_paused:
+                self._transport_paused = False
                 transport.resumeProducing()  # read and discard, so the peer's FIN is seen
             self._linger_call = self._clock.callLater(LINGER_SECONDS, transport.loseConnection)
         else:
@@ -637,12 +781,13 @@ class HTTP1Protocol(Protocol):
         self._closing = True
         self._accepting = False
         self._parser_dead = True
-        self._queue.clear()
+        self._drop_queue()
         self.transport.abortConnection()
 
     # -- flow control ------------------------------------------------------------------------------
     def _pause_reading(self, reason: int) -> None:
-        if not self._paused and not self._closing:
+        if not self._transport_paused and not self._closing:
+            self._transport_paused = True
             self.transport.pauseProducing()
         self._paused |= reason
 
@@ -652,7 +797,20 @@ class HTTP1Protocol(Protocol):
             if not self._paused and not self._closing:
                 # Time spent paused by us does not count against the client.
                 self._head_since = self._progress = self._clock.seconds()
-                self.transport.resumeProducing()
+                if self._held:
+                    # Parse what was held back first; it may pause reading again. (Never
+                    # re-entered from a parser callback: input is only held between reads.)
+                    held, self._held = self._held, b""
+                    self._feed_slices(held)
+                    if self._paused or self._closing:
+                        return
+                if self._eof_held:
+                    self._eof_held = False
+                    self.readConnectionLost()
+                    return
+                if self._transport_paused:
+                    self._transport_paused = False
+                    self.transport.resumeProducing()
 
     # IPushProducer, for the transport: its write buffer is full / has drained.
     def pauseProducing(self) -> None:

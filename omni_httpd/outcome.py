@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple, Union
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -82,7 +82,13 @@ def _response(status: Optional[int], names: Optional[List[str]], values: Optiona
         # other values cannot be written on a status line at all.
         log.warn("handler returned HTTP status {status}, answering 500", status=status)
         return response.internal_error()
-    if body is not None and not isinstance(body, bytes):
+    if body is None:
+        # A NULL body is sent as an empty one (content-length: 0): every message must be
+        # delimited, and a length keeps the connection usable where closing it would not.
+        # Statuses that never carry content keep None (no Content-Length at all).
+        if status != 204 and status != 304:
+            body = b""
+    elif not isinstance(body, bytes):
         body = bytes(body)
     headers: List[Tuple[str, str]] = []
     declared: Optional[str] = None
@@ -142,7 +148,9 @@ class LocalExecutor:
         self._unavailable_count = 0
 
     def execute(self, request: Request) -> Deferred:
-        """Fires with the `Response` for ``request``; never fails."""
+        """Fires with the `Response` for ``request``; never fails, except with
+        `CancelledError` when the caller cancels it (the client went away): a request
+        still queued on the DB thread is then not run at all."""
         handler_id = self._handler_for_listener(request.listener_id)
         if handler_id is None:
             return succeed(Response(status=404, headers=[], body=b""))
@@ -163,6 +171,8 @@ class LocalExecutor:
         return outcome
 
     def _failed(self, failure: Failure, request: Request, handler_id: int) -> Response:
+        if failure.check(CancelledError):
+            return failure      # the caller cancelled: nobody to answer, nothing to log
         if failure.check(DatabaseUnavailable):
             # One line per outage burst, not one per request (the DB thread logs the
             # loss and the reconnection itself).
@@ -184,6 +194,8 @@ class LocalExecutor:
         return response.internal_error()
 
     def _bug(self, failure: Failure, request: Request) -> Response:
+        if failure.check(CancelledError):
+            return failure
         log.failure("building the response for {method} {path}", failure,
                     method=request.method, path=request.path)
         return response.internal_error()

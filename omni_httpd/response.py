@@ -11,7 +11,10 @@ from typing import List, Optional, Tuple
 class Response:
     """What goes back to the client.
 
-    ``body`` None means "no body and no Content-Length" (SPEC 4: NULL body).
+    ``body`` None means "no body": a handler's NULL body for 204/304 (no Content-Length),
+    or a response made elsewhere; HTTP/1 still sends ``content-length: 0`` for it
+    wherever the status allows a body, so the message is delimited (outcome.py turns a
+    NULL body into ``b""`` for those statuses already).
     ``headers`` are ``(name, value)`` pairs as the handler wrote them; the protocol
     adds Content-Length (from ``len(body)``), Date and connection headers itself and
     drops any Content-Length / Transfer-Encoding / Connection the handler set.

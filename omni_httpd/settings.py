@@ -35,6 +35,9 @@ class Settings:
     tls_key: Optional[str] = None
     max_body: int = 16 * 1024 * 1024
     max_header_size: int = 64 * 1024          # all header lines together
+    # HTTP/1: request bodies one connection may hold while they wait for their turn
+    # (pipelined) before reading from it pauses; a lone request is bounded by max_body.
+    max_pipeline_bytes: int = 1024 * 1024
     header_timeout: float = 30.0               # slow-header (slowloris) limit
     idle_timeout: float = 60.0                 # keep-alive idle connection limit
     body_timeout: float = 60.0                 # a body must keep arriving

@@ -238,6 +238,10 @@ PARAMETERS: Dict[str, Tuple[str, Callable[[str], Any], str]] = {
                  "Largest request body accepted (bytes; K, M, G suffixes). Default: 16M."),
     "max-header-size": ("max_header_size", _size,
                         "Largest request head (all header lines). Default: 64K."),
+    "max-pipeline-bytes": ("max_pipeline_bytes", _size,
+                           "HTTP/1: request bodies a connection may have waiting for their "
+                           "turn before reading from it pauses (bytes; K, M, G suffixes). "
+                           "Default: 1M."),
     "header-timeout": ("header_timeout", _seconds,
                        "Seconds a client may take to send the request head. Default: %g."
                        % _DEFAULTS.header_timeout),
