@@ -364,6 +364,43 @@ def test_postgresql_restart_gives_quick_503s_then_recovers_without_restarting_wo
         assert daemon.stop() == 0, daemon.output[-3000:]
 
 
+def test_worker_dying_while_postgresql_is_down_serves_soon_after_it_is_back(own_cluster):
+    """A replacement started while the database is away exits at once (it cannot connect);
+    its slot must not drift into the long crash-loop backoff (up to 30 s), or a restart of
+    PostgreSQL costs that slot's share of the traffic for that long after it is back."""
+    dsn = own_cluster.dsn
+    daemon = start_daemon(dsn, "--http-workers", "2")
+    try:
+        wait_reload_rows(dsn, 1)
+        port = serve(dsn, "SELECT omni_httpd.http_response('ok') FROM request")
+        pids = daemon.worker_pids()
+        mark = daemon.mark()
+        own_cluster.stop()
+        os.kill(pids[0], signal.SIGKILL)
+        # the replacements cannot connect and exit: wait for five of them (backoff 0.1, 0.5, 1, 2 s, ...)
+        wait_until(lambda: len(re.findall(r"worker 0 \(pid \d+\) exited with status 3",
+                                          "\n".join(daemon.lines[mark:]))) >= 5,
+                   timeout=90, interval=0.1, what="five failed starts of worker 0")
+        own_cluster.start()
+        back_at = time.monotonic()
+        access = AccessLog(daemon)
+
+        def slot_0_serves():
+            current = daemon.worker_pids()[0]
+            # new connections: the kernel spreads them over both slots' sockets
+            fetch(port, "/d/%f" % time.monotonic(), timeout=60)
+            return current not in pids and access.count(current, 200) > 0
+        wait_until(slot_0_serves, timeout=90, interval=0.05, what="worker 0 serving again")
+        recovery = time.monotonic() - back_at
+        figures = report("worker died while PostgreSQL was down", failed_starts=len(re.findall(
+            r"worker 0 \(pid \d+\) exited with status 3", "\n".join(daemon.lines[mark:]))),
+            slot_0_serving_after_back_s=recovery)
+        assert recovery < 5.0, figures
+        assert daemon.worker_pids()[1] == pids[1]
+    finally:
+        assert daemon.stop() == 0, daemon.output[-3000:]
+
+
 # -- c. reloads every second under load -----------------------------------------------------------
 RELOADS_C = 30
 
