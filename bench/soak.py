@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -247,10 +248,10 @@ def text(results: dict, markdown: bool = False) -> List[str]:
 
 def main(args, start_database) -> int:
     """Entry point from run.py (which parsed ``args`` and knows how to start PostgreSQL)."""
-    from run import Context, git_commit  # noqa: WPS433 - run.py is the suite's entry point
+    from run import Context, git_commit  # run.py imported this module: no cycle at import time
     if shutil.which("wrk") is None:
         print("missing benchmark tools: wrk\ninstall them with:\n    apt-get update && apt-get install -y wrk",
-              file=__import__("sys").stderr)
+              file=sys.stderr)
         return 2
     timestamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     workdir = tempfile.mkdtemp(prefix="omni_httpd_soak_")
