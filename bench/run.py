@@ -2,6 +2,7 @@
 """Benchmark omni_httpd against peers and ceilings. The one entry point of bench/.
 
     python bench/run.py [--duration 10] [--workloads W1,W2,W3] [--targets ...] [--smoke]
+    python bench/run.py --soak MINUTES [--reload-every 10] [--sample-every 5]
 
 Starts a private PostgreSQL (omni_httpd.embedded_pg) in a temporary directory, then runs
 each target in turn (never two at once): omni_httpd over HTTP/1.1 (wrk) and h2c (h2load),
@@ -12,6 +13,9 @@ measured. Prints one table and writes bench/results/<timestamp>.{md,json,png} (a
 latest.* for a full run: every target, every workload). Run it with the project's
 interpreter: it needs psycopg2, h2 and the omni_httpd package, and starts `twistd` from
 the same environment.
+
+--soak runs the daemon alone under W1 for MINUTES with a configuration reload every
+10 s, sampling the RSS of its master and workers (bench/soak.py).
 """
 from __future__ import annotations
 
@@ -422,6 +426,10 @@ def parse_args(argv=None):
                         % (",".join(t.id for t in TARGETS), ",".join(SMOKE_TARGETS)))
     parser.add_argument("--smoke", action="store_true",
                         help="~1 s per target, omni_httpd only, no goals: checks that the suite works")
+    parser.add_argument("--soak", type=float, default=None, metavar="MINUTES",
+                        help="soak mode: W1 on the daemon for MINUTES with reloads, sampling RSS (bench/soak.py)")
+    parser.add_argument("--reload-every", type=float, default=10.0, help="soak: seconds between reloads (10)")
+    parser.add_argument("--sample-every", type=float, default=5.0, help="soak: seconds between RSS samples (5)")
     parser.add_argument("--reload-samples", type=int, default=None, help="default 20 (smoke 5)")
     parser.add_argument("--pg-clients", type=int, default=2,
                         help="pgbench connections: the daemon's DB connections (one per worker, 2)")
@@ -436,6 +444,8 @@ def parse_args(argv=None):
         args.duration = 1 if args.smoke else 10
     if args.duration < 1:
         parser.error("--duration must be at least 1 (second)")
+    if args.soak is not None and (args.soak <= 0 or args.reload_every <= 0 or args.sample_every <= 0):
+        parser.error("--soak, --reload-every and --sample-every must be positive")
     if args.warmup is None:
         args.warmup = 0 if args.smoke else 2
     if args.reload_samples is None:
@@ -457,6 +467,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.soak is not None:
+        import soak
+        return soak.main(args, start_database)
     targets, workloads = args.target_list, args.workload_list
 
     missing = missing_tools(needed_tools(targets))

@@ -29,6 +29,12 @@ log = Logger()
 BACKOFF = [0.1, 0.5, 1, 2, 5, 10, 30]
 #: a worker that lived this long resets its slot's backoff
 STABLE_AFTER = 30.0
+#: exit status of a worker that could not start (worker.py), e.g. no database connection
+STARTUP_FAILED = 3
+#: ...such a slot is retried at least this often: while PostgreSQL is away, every start
+#: fails at once, and the long crash-loop delays would keep the slot down (its socket's
+#: connections unanswered) for up to 30 s after the database is back
+STARTUP_RETRY_MAX = 2.0
 
 _LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn,
            "error": LogLevel.error, "critical": LogLevel.critical}
@@ -190,6 +196,8 @@ class Fleet:
         if lived > STABLE_AFTER:
             self._failures[worker.slot] = 0
         delay = BACKOFF[min(self._failures[worker.slot], len(BACKOFF) - 1)]
+        if code == STARTUP_FAILED and not worker.ready:
+            delay = min(delay, STARTUP_RETRY_MAX)
         self._failures[worker.slot] += 1
         how = "killed by signal %s" % sig if sig else "exited with status %s" % code
         log.warn("worker {slot} (pid {pid}) {how}; restarting in {delay}s",

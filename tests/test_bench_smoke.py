@@ -99,3 +99,28 @@ def test_bench_response_checks():
     # the database ceiling runs the very handler, with `request` given as a CTE
     assert workloads.pgbench_sql(w1).startswith("WITH request AS (")
     assert workloads.pgbench_sql(w1).endswith(w1.handler)
+
+
+def test_bench_soak_smoke(tmp_path):
+    """bench/run.py --soak for 6 s (reloads every 2 s, RSS every second): the daemon lives
+    through it, every reload is applied, the samples and slopes are written."""
+    if shutil.which("wrk") is None:
+        pytest.fail("wrk is not installed, so the soak cannot run; install it with: apt-get install -y wrk")
+    proc = subprocess.run([sys.executable, RUN, "--soak", "0.1", "--reload-every", "2", "--sample-every", "1",
+                           "--results-dir", str(tmp_path)], capture_output=True, text=True, timeout=120,
+                          cwd=str(tmp_path))
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    reports = glob.glob(str(tmp_path / "soak-*.json"))
+    assert len(reports) == 1, output
+    with open(reports[0]) as handle:
+        results = json.load(handle)
+    assert results["ok"] and results["exit_code"] == 0, output
+    assert results["load"]["requests"] > 0 and results["load"]["errors"] == 0, results["load"]
+    assert len(results["reloads"]) >= 2 and all(r["seconds"] for r in results["reloads"]), results["reloads"]
+    assert len(results["samples"]) >= 5, results["samples"]
+    # the master and both workers, each with a slope
+    names = sorted(results["series"])
+    assert names[0] == "master" and [n.split()[0] for n in names[1:]] == ["w0", "w1"], names
+    assert all(s["slope_kb_min"] is not None and s["first_kb"] > 0 for s in results["series"].values())
+    assert "slope KB/min" in output and os.path.exists(reports[0][:-len(".json")] + ".md")
