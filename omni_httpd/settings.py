@@ -33,6 +33,11 @@ class Settings:
     tls_cert: Optional[str] = None
     tls_key: Optional[str] = None
     max_body: int = 16 * 1024 * 1024
+    # HTTP/2 request bodies held in memory (received, not yet answered): per connection
+    # and per worker process, across its connections (http2.BodyBudget). Each is raised
+    # to max_body (resp. the connection's) when smaller, so one largest body always fits.
+    max_connection_body_buffer: int = 32 * 1024 * 1024
+    max_worker_body_buffer: int = 128 * 1024 * 1024
     max_header_size: int = 64 * 1024          # all header lines together
     header_timeout: float = 30.0               # slow-header (slowloris) limit
     idle_timeout: float = 60.0                 # keep-alive idle connection limit
