@@ -7,9 +7,28 @@ a time, respecting flow control in both directions. Every stream is dispatched w
 
 Decisions worth knowing:
 
-- Request bodies are acknowledged as they arrive (so a client can keep sending) and kept
-  in memory up to ``settings.max_body`` per stream; more gets a 413 and the rest of the
-  stream is refused with RST_STREAM(NO_ERROR), as RFC 9113 section 8.1 allows.
+- Request bodies are budgeted (see `BodyBudget`): a stream may send its first
+  ``STREAM_WINDOW`` bytes at once; a longer body is *admitted* first, reserving its
+  declared Content-Length (``settings.max_body`` + 1 without one) from the connection's
+  budget (``settings.max_connection_body_buffer``) and the worker's
+  (``settings.max_worker_body_buffer``), in arrival order, and only then gets the flow
+  control window to send the rest. The reservation lasts until the stream's response is
+  sent (its body is in memory until then). So a worker never holds more body bytes than
+  its budget plus ``STREAM_WINDOW`` per open stream, and an admitted stream can always
+  finish (no dead lock between half-received bodies). More than ``settings.max_body``
+  (declared or sent) gets a 413 and the rest of the stream is refused with
+  RST_STREAM(NO_ERROR), as RFC 9113 section 8.1 allows.
+- Work nobody waits for is not done: a stream the client resets, and every stream of a
+  connection that closes, has its dispatch cancelled, so a request still queued for the
+  DB thread is skipped (a handler already running finishes and commits; its response is
+  dropped). Requests that complete and are reset within one read are never dispatched.
+- Rapid reset (CVE-2023-44487): each reset of a stream we have not answered costs a
+  token; a connection has ``RESET_BURST`` of them, gets one back per answered stream and
+  ``RESET_RATE`` per second. Out of tokens: GOAWAY(ENHANCE_YOUR_CALM) and close.
+- Control-frame floods: every PING or SETTINGS frame makes h2 queue an answer. They are
+  budgeted the same way (``CONTROL_BURST``, ``CONTROL_RATE`` per second); and while the
+  transport's write buffer is full (the client does not read), we stop reading the
+  client, so answers cannot pile up.
 - A header list over ``settings.max_header_size`` gets a 431 on its stream. The hpack
   decoder's own hard limit is set well above it, so only absurd header blocks cost the
   connection (GOAWAY ENHANCE_YOUR_CALM, from h2).
@@ -22,8 +41,9 @@ Decisions worth knowing:
 """
 from __future__ import annotations
 
+import collections
 import re
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Tuple
 
 from h2.config import H2Configuration
 from h2.connection import H2Connection
@@ -31,6 +51,7 @@ from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
+    PingReceived,
     RemoteSettingsChanged,
     RequestReceived,
     StreamEnded,
@@ -60,11 +81,24 @@ Dispatch = Callable[[Request, bool], "defer.Deferred[Response]"]
 
 #: How many streams a client may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS).
 MAX_CONCURRENT_STREAMS = 100
-#: Per-stream receive window we advertise; large enough that uploads are not held back
-#: by round trips.
-STREAM_WINDOW = 1024 * 1024
-#: Connection-level receive window.
+#: Per-stream receive window we advertise: what a stream may send before its body has
+#: been admitted to the body budget. Small bodies (most requests) fit and never wait;
+#: an open stream holds at most this much unbudgeted.
+STREAM_WINDOW = 65535
+#: Connection-level receive window, handed back as data arrives: the per-stream windows
+#: are what bound buffered bodies, this only has to never be the bottleneck.
 CONNECTION_WINDOW = 16 * 1024 * 1024
+#: Window we let run down before handing it back in one WINDOW_UPDATE.
+WINDOW_SLACK = 16384
+#: Resets of streams we have not answered yet: a burst (twice the stream limit: a
+#: client abandoning everything it has open, twice) ...
+RESET_BURST = 2 * MAX_CONCURRENT_STREAMS
+#: ...refilled by one per stream we answer and this many per second.
+RESET_RATE = 10.0
+#: PING and SETTINGS frames (each one makes us queue an answer): a burst, and the refill
+#: per second. Keep-alive and RTT probes are far below this.
+CONTROL_BURST = 1000
+CONTROL_RATE = 100.0
 #: After a GOAWAY the peer gets this long to read what is buffered before we drop it.
 CLOSE_GRACE = 5.0
 
@@ -94,16 +128,69 @@ def _text(value: bytes) -> str:
         return value.decode("latin-1")
 
 
+class BodyBudget:
+    """Request-body bytes reserved by the HTTP/2 connections of one worker.
+
+    One per worker process (`worker_body_budget`). A stream that cannot be admitted
+    waits here, first come first served; `release` admits waiters as room comes back.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._waiting: Deque[Tuple["HTTP2Protocol", "_Stream"]] = collections.deque()
+
+    def reserve(self, protocol: "HTTP2Protocol", stream: "_Stream") -> bool:
+        """Reserve ``stream.reserved`` bytes now (True), or queue the stream (False)."""
+        if not self._waiting and self.used + stream.reserved <= self.limit:
+            self.used += stream.reserved
+            return True
+        self._waiting.append((protocol, stream))
+        return False
+
+    def release(self, size: int) -> None:
+        self.used -= size
+        waiting = self._waiting
+        while waiting:
+            protocol, stream = waiting[0]
+            if stream.budget != _Stream.WAIT_WORKER or protocol.disconnected:
+                waiting.popleft()   # gone or no longer needs it (released lazily)
+                continue
+            if self.used + stream.reserved > self.limit:
+                return
+            waiting.popleft()
+            self.used += stream.reserved
+            protocol._admitted(stream)
+
+
+_worker_budgets: Dict[int, BodyBudget] = {}
+
+
+def worker_body_budget(limit: int) -> BodyBudget:
+    """This process's budget (a worker process runs one configuration's settings)."""
+    budget = _worker_budgets.get(limit)
+    if budget is None:
+        budget = _worker_budgets[limit] = BodyBudget(limit)
+    return budget
+
+
 class _Stream:
     """What we know about one request stream."""
 
     __slots__ = ("stream_id", "method", "target", "headers", "chunks", "size",
-                 "state", "head", "data", "offset", "status", "started", "request", "sent", "early")
+                 "state", "head", "data", "offset", "status", "started", "request", "sent", "early",
+                 "pending", "budget", "reserved", "window")
 
     RECEIVING = 0      # request headers in, body arriving
     DISPATCHED = 1     # request complete, waiting for the dispatcher
     SENDING = 2        # response headers sent, body going out under flow control
     REJECTED = 3       # answered early (413, 431, ...); the rest of the request is ignored
+
+    # budget: where the stream's body stands with the body budget
+    UNBUDGETED = 0     # within its first window (or done receiving): nothing reserved
+    WAIT_CONNECTION = 1  # waiting for room in the connection's budget
+    WAIT_WORKER = 2    # connection share reserved, waiting for the worker's
+    ADMITTED = 3       # ``reserved`` bytes held in both budgets until the stream is forgotten
 
     def __init__(self, stream_id: int, started: float) -> None:
         self.stream_id = stream_id
@@ -122,6 +209,12 @@ class _Stream:
         self.sent = 0
         #: answered before the request was complete (413, 431, ...)
         self.early = False
+        #: the dispatcher's Deferred while we wait for it
+        self.pending: Optional[defer.Deferred] = None
+        self.budget = _Stream.UNBUDGETED
+        self.reserved = 0
+        #: receive window the client has left on this stream
+        self.window = STREAM_WINDOW
 
 
 @implementer(IPushProducer)
@@ -134,7 +227,8 @@ class HTTP2Protocol(Protocol):
     """
 
     def __init__(self, dispatch: Dispatch, settings: Settings, listener_id: int,
-                 scheme: str = "http", clock=None, worker_label: str = "") -> None:
+                 scheme: str = "http", clock=None, worker_label: str = "",
+                 body_budget: Optional[BodyBudget] = None) -> None:
         if clock is None:
             from twisted.internet import reactor as clock
         self.dispatch = dispatch
@@ -155,12 +249,30 @@ class HTTP2Protocol(Protocol):
         self._timer = None
         self._abort_timer = None
         self._flush_call = None
+        #: _close() ran: nothing more is read or answered.
+        self._dead = False
+        #: we asked the transport to stop reading (the client does not read our output)
+        self._reading_paused = False
+        #: streams complete in the current read, dispatched once it is processed
+        self._ready: List[_Stream] = []
+        # Raised to the largest reservation when smaller (tap.py refuses that on the
+        # command line), so that any one body can always be admitted.
+        self._body_limit = max(settings.max_connection_body_buffer, settings.max_body + 1)
+        self.body_budget = (body_budget if body_budget is not None else worker_body_budget(
+            max(settings.max_worker_body_buffer, self._body_limit)))
+        self._body_reserved = 0
+        self._body_waiting: Deque[_Stream] = collections.deque()
+        self._unacked = 0          # connection-level bytes not handed back yet
+        self._reset_tokens = float(RESET_BURST)
+        self._reset_stamp = 0.0
+        self._control_tokens = float(CONTROL_BURST)
+        self._control_stamp = 0.0
 
     # -- connection life cycle -------------------------------------------------------
 
     def connectionMade(self) -> None:
         self.peer = _peer_text(self.transport)
-        self._last_progress = self.clock.seconds()
+        self._last_progress = self._reset_stamp = self._control_stamp = self.clock.seconds()
         limit = self.settings.max_header_size
         self.h2.local_settings = H2Settings(client=False, initial_values={
             SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
@@ -177,7 +289,7 @@ class HTTP2Protocol(Protocol):
         self._arm_timer()
 
     def dataReceived(self, data: bytes) -> None:
-        if self.disconnected:
+        if self.disconnected or self._dead:
             return
         self._last_progress = self.clock.seconds()
         try:
@@ -194,8 +306,10 @@ class HTTP2Protocol(Protocol):
                 handler = self._handlers.get(type(event))
                 if handler is not None:
                     handler(self, event)
-                if self.disconnected:
+                if self.disconnected or self._dead:
                     return
+            if self._ready:
+                self._dispatch_ready()
         except Exception:
             # A state we did not expect (it would be our bug): end this connection
             # cleanly rather than leave it half-understood or raise into the reactor.
@@ -208,7 +322,7 @@ class HTTP2Protocol(Protocol):
 
     def connectionLost(self, reason=None) -> None:
         self.disconnected = True
-        self.streams.clear()
+        self._drop_streams()
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
         self._flush_call = None
@@ -221,10 +335,20 @@ class HTTP2Protocol(Protocol):
 
     def pauseProducing(self) -> None:
         self._paused = True
+        # The client is not reading what we send. Stop reading what it sends until it
+        # does: frames such as PING or SETTINGS make h2 queue answers, which would
+        # otherwise pile up in the transport's buffer without bound.
+        if not self._reading_paused and not self.disconnected:
+            self._reading_paused = True
+            self.transport.pauseProducing()
 
     def resumeProducing(self) -> None:
         self._paused = False
         self._last_progress = self.clock.seconds()
+        if self._reading_paused:
+            self._reading_paused = False
+            if not self.disconnected and not self._dead:
+                self.transport.resumeProducing()
         if not self.disconnected:
             self._send_all_pending()
             self._flush()
@@ -307,30 +431,56 @@ class HTTP2Protocol(Protocol):
         elif not (stream.target.startswith("/") or
                   (stream.target == "*" and stream.method == "OPTIONS")):
             self._reject(stream, 400, "Bad request target")
-        elif expect_continue and not event.stream_ended:
-            self.h2.send_headers(stream_id, [(b":status", b"100")])
+        else:
+            if (declared_length is not None and declared_length > STREAM_WINDOW
+                    and not event.stream_ended):
+                # Reserve a declared length now, so the window opens without waiting for
+                # the first one to run out. An undeclared one waits for that (_on_data).
+                self._request_budget(stream, declared_length)
+            if expect_continue and not event.stream_ended:
+                self.h2.send_headers(stream_id, [(b":status", b"100")])
 
     def _on_data(self, event: DataReceived) -> None:
-        stream_id = event.stream_id
-        # Hand the window back whatever becomes of the bytes, so neither this stream
-        # nor the connection stalls.
-        if event.flow_controlled_length:
-            self.h2.acknowledge_received_data(event.flow_controlled_length, stream_id)
-        stream = self.streams.get(stream_id)
+        # The connection window goes back at once whatever becomes of the bytes (the
+        # stream windows are what bound memory); a stream's own window only as the
+        # body budget allows (_request_budget, _admitted).
+        length = event.flow_controlled_length
+        unacked = self._unacked + length
+        if unacked >= WINDOW_SLACK:
+            self.h2.increment_flow_control_window(unacked)
+            unacked = 0
+        self._unacked = unacked
+        stream = self.streams.get(event.stream_id)
         if stream is None or stream.state != _Stream.RECEIVING:
             return
-        stream.size += len(event.data)
-        if stream.size > self.settings.max_body:
+        data = event.data
+        size = stream.size + len(data)
+        if size > self.settings.max_body:
             stream.chunks = []
             self._reject(stream, 413, "Request body too large")
             return
-        stream.chunks.append(event.data)
+        stream.size = size
+        stream.chunks.append(data)
+        window = stream.window - length
+        stream.window = window
+        if event.stream_ended is None and window < WINDOW_SLACK:
+            if stream.budget == _Stream.ADMITTED:
+                # Only padding makes the reserved window fall short of the body.
+                self._open_window(stream)
+            elif stream.budget == _Stream.UNBUDGETED:
+                # Longer than its first window and no Content-Length: reserve the most a
+                # body may be, plus one byte, so that a body over the limit can show it
+                # (and get its 413) instead of waiting for a window that never opens.
+                # Released down to its real size when it ends.
+                self._request_budget(stream, self.settings.max_body + 1)
 
     def _on_stream_ended(self, event: StreamEnded) -> None:
         stream = self.streams.get(event.stream_id)
         if stream is None or stream.state != _Stream.RECEIVING:
             return
         stream.state = _Stream.DISPATCHED
+        if stream.budget != _Stream.UNBUDGETED:
+            self._body_complete(stream)
         path, query = split_target(stream.target)
         body = b"".join(stream.chunks)
         stream.chunks = []
@@ -339,14 +489,41 @@ class HTTP2Protocol(Protocol):
                           listener_id=self.listener_id, http_version="2",
                           scheme=self.scheme, peer=self.peer)
         stream.request = request
-        d = defer.maybeDeferred(self.dispatch, request, True)
-        d.addCallbacks(self._respond, self._dispatch_failed,
-                       callbackArgs=(stream,), errbackArgs=(stream,))
+        # Dispatched once the whole read is processed (_dispatch_ready): a request the
+        # same read also resets (rapid reset sends HEADERS and RST_STREAM together) is
+        # then never handed to the DB thread at all.
+        self._ready.append(stream)
+
+    def _dispatch_ready(self) -> None:
+        ready, self._ready = self._ready, []
+        for stream in ready:
+            if self.streams.get(stream.stream_id) is not stream:
+                continue   # reset (or the connection ended) in the same read
+            d = defer.maybeDeferred(self.dispatch, stream.request, True)
+            if not d.called:
+                stream.pending = d
+            d.addCallbacks(self._respond, self._dispatch_failed,
+                           callbackArgs=(stream,), errbackArgs=(stream,))
+            if self._dead:
+                return
 
     def _on_stream_reset(self, event: StreamReset) -> None:
-        # The client gave up on it: a pending dispatch result will be dropped.
-        self.streams.pop(event.stream_id, None)
+        stream = self.streams.pop(event.stream_id, None)
+        if stream is None:
+            return   # already answered: nothing was wasted
+        # The client gave up on it: skip its work if it has not started.
+        _abandon(stream)
+        self._release_budget(stream)
+        if not self._take_token("_reset_tokens", "_reset_stamp", RESET_BURST, RESET_RATE):
+            log.info("{label}HTTP/2 client {peer} resets streams faster than they are "
+                     "served (rapid reset); closing with ENHANCE_YOUR_CALM",
+                     label=self._label(), peer=self.peer)
+            self._fail_connection(ErrorCodes.ENHANCE_YOUR_CALM)
+            return
         self._close_if_done()
+
+    def _on_ping(self, event: PingReceived) -> None:
+        self._control_frame()
 
     def _on_window_updated(self, event: WindowUpdated) -> None:
         if event.stream_id == 0:
@@ -357,8 +534,34 @@ class HTTP2Protocol(Protocol):
                 self._send_pending(stream)
 
     def _on_settings_changed(self, event: RemoteSettingsChanged) -> None:
+        if not self._control_frame():
+            return
         if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
             self._send_all_pending()
+
+    def _control_frame(self) -> bool:
+        """Count a frame h2 answers by itself (PING, SETTINGS); False if that ended
+        the connection."""
+        if self._take_token("_control_tokens", "_control_stamp", CONTROL_BURST, CONTROL_RATE):
+            return True
+        log.info("{label}HTTP/2 client {peer} floods control frames; closing with "
+                 "ENHANCE_YOUR_CALM", label=self._label(), peer=self.peer)
+        self._fail_connection(ErrorCodes.ENHANCE_YOUR_CALM)
+        return False
+
+    def _take_token(self, tokens_name: str, stamp_name: str, burst: float, rate: float) -> bool:
+        """Token bucket: take one from ``self.<tokens_name>``, refilled at ``rate`` per
+        second up to ``burst``; False when there is none."""
+        now = self.clock.seconds()
+        tokens = getattr(self, tokens_name) + (now - getattr(self, stamp_name)) * rate
+        if tokens > burst:
+            tokens = burst
+        setattr(self, stamp_name, now)
+        if tokens < 1:
+            setattr(self, tokens_name, tokens)
+            return False
+        setattr(self, tokens_name, tokens - 1)
+        return True
 
     def _on_connection_terminated(self, event: ConnectionTerminated) -> None:
         if event.error_code != ErrorCodes.NO_ERROR:
@@ -369,12 +572,103 @@ class HTTP2Protocol(Protocol):
     _handlers = {
         RequestReceived: _on_request,
         DataReceived: _on_data,
+        PingReceived: _on_ping,
         StreamEnded: _on_stream_ended,
         StreamReset: _on_stream_reset,
         WindowUpdated: _on_window_updated,
         RemoteSettingsChanged: _on_settings_changed,
         ConnectionTerminated: _on_connection_terminated,
     }
+
+    # -- the body budget ---------------------------------------------------------------
+
+    def _request_budget(self, stream: _Stream, need: int) -> None:
+        """Ask to admit ``need`` body bytes for ``stream`` (its window opens once they are
+        reserved in the connection's and the worker's budget)."""
+        stream.reserved = need   # <= max_body + 1 <= both limits (see __init__)
+        if self._body_waiting or self._body_reserved + need > self._body_limit:
+            stream.budget = _Stream.WAIT_CONNECTION
+            self._body_waiting.append(stream)
+        else:
+            self._reserve_in_worker(stream)
+
+    def _reserve_in_worker(self, stream: _Stream) -> None:
+        self._body_reserved += stream.reserved
+        stream.budget = _Stream.WAIT_WORKER
+        if self.body_budget.reserve(self, stream):
+            self._admitted(stream)
+
+    def _admitted(self, stream: _Stream) -> None:
+        """Both budgets hold ``stream.reserved`` for it: let the client send its body."""
+        stream.budget = _Stream.ADMITTED
+        self._last_progress = self.clock.seconds()
+        self._open_window(stream)
+        self._flush_soon()   # we may be called from another connection's release
+
+    def _open_window(self, stream: _Stream) -> None:
+        increment = stream.reserved - stream.size - stream.window
+        if increment > 0:
+            try:
+                self.h2.increment_flow_control_window(increment, stream.stream_id)
+            except H2Error:
+                return   # the stream is already closed on h2's side
+            stream.window += increment
+
+    def _body_complete(self, stream: _Stream) -> None:
+        """The whole body is in: keep only what it holds reserved."""
+        if stream.budget != _Stream.ADMITTED:
+            self._release_budget(stream)   # it fitted in its first window after all
+            return
+        excess = stream.reserved - stream.size
+        if excess > 0:
+            stream.reserved = stream.size
+            self._body_reserved -= excess
+            self.body_budget.release(excess)
+            self._admit_waiting()
+
+    def _release_budget(self, stream: _Stream) -> None:
+        budget = stream.budget
+        if budget == _Stream.UNBUDGETED:
+            return
+        stream.budget = _Stream.UNBUDGETED
+        if budget == _Stream.WAIT_CONNECTION:
+            try:
+                self._body_waiting.remove(stream)
+            except ValueError:
+                pass
+        else:
+            self._body_reserved -= stream.reserved
+            if budget == _Stream.ADMITTED:
+                self.body_budget.release(stream.reserved)
+            # WAIT_WORKER: the worker's queue skips it when it gets there.
+        stream.reserved = 0
+        if not self._dead:
+            self._admit_waiting()
+
+    def _admit_waiting(self) -> None:
+        waiting = self._body_waiting
+        while waiting:
+            stream = waiting[0]
+            if self._body_reserved + stream.reserved > self._body_limit:
+                return
+            waiting.popleft()
+            self._reserve_in_worker(stream)
+
+    def _drop_streams(self) -> None:
+        """The connection is ending: cancel every stream's work, give back its budget."""
+        streams = list(self.streams.values())
+        self.streams.clear()
+        self._ready = []
+        released = 0
+        for stream in streams:
+            _abandon(stream)
+            if stream.budget == _Stream.ADMITTED:
+                released += stream.reserved
+            stream.budget = _Stream.UNBUDGETED
+        self._body_waiting.clear()
+        self._body_reserved = 0
+        if released:
+            self.body_budget.release(released)
 
     # -- responses ---------------------------------------------------------------------
 
@@ -385,6 +679,7 @@ class HTTP2Protocol(Protocol):
 
     def _respond(self, response: Response, stream: _Stream) -> None:
         """Send ``response`` on ``stream`` (unless the stream or connection is gone)."""
+        stream.pending = None
         if self.disconnected or self.streams.get(stream.stream_id) is not stream:
             return
         try:
@@ -477,6 +772,8 @@ class HTTP2Protocol(Protocol):
     def _stream_done(self, stream: _Stream) -> None:
         """Our side of the stream is complete."""
         self._log_access(stream)
+        if self._reset_tokens < RESET_BURST:
+            self._reset_tokens += 1   # an answered stream earns back a reset
         if stream.early:
             # We answered before the request was complete: ask the client to stop
             # sending the rest (RFC 9113 section 8.1).
@@ -488,6 +785,8 @@ class HTTP2Protocol(Protocol):
     def _forget(self, stream: _Stream) -> None:
         if self.streams.get(stream.stream_id) is stream:
             del self.streams[stream.stream_id]
+        if stream.budget != _Stream.UNBUDGETED:
+            self._release_budget(stream)
         self._last_progress = self.clock.seconds()
         self._close_if_done()
 
@@ -550,7 +849,8 @@ class HTTP2Protocol(Protocol):
         if self.disconnected:
             return
         self.closing = True
-        self.streams.clear()
+        self._dead = True
+        self._drop_streams()
         self.transport.loseConnection()
         if self._abort_timer is None:
             self._abort_timer = self.clock.callLater(CLOSE_GRACE, self._abort)
@@ -566,8 +866,9 @@ class HTTP2Protocol(Protocol):
         """The limit that applies now, or None while every stream waits on a handler."""
         if not self.streams:
             return self.settings.idle_timeout
-        if all(s.state == _Stream.DISPATCHED for s in self.streams.values()):
-            return None
+        if all(s.state == _Stream.DISPATCHED or s.budget == _Stream.WAIT_CONNECTION
+               or s.budget == _Stream.WAIT_WORKER for s in self.streams.values()):
+            return None   # waiting on us (a handler, the body budget), not on the client
         return self.settings.body_timeout
 
     def _arm_timer(self) -> None:
@@ -603,6 +904,24 @@ class HTTP2Protocol(Protocol):
 
     def _label(self) -> str:
         return "[%s] " % self.worker_label if self.worker_label else ""
+
+
+def _abandon(stream: _Stream) -> None:
+    """Nobody waits for ``stream``'s response any more: skip its work if not started.
+
+    The dispatcher's own errbacks would take a CancelledError for a failure (the local
+    executor logs a traceback; the sibling client closes its channel, failing every
+    other request on it), so the Deferred is paused first and its chain never runs.
+    cancel() still marks it called, which is what makes the DB thread skip a queued job,
+    and makes the Deferred swallow the result of a job that was already running.
+    A request re-sent to a sibling worker is not stopped there (siblings.py has no
+    cancel message); only its answer is dropped.
+    """
+    d = stream.pending
+    if d is not None:
+        stream.pending = None
+        d.pause()
+        d.cancel()
 
 
 def _peer_text(transport) -> str:

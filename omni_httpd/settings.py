@@ -34,6 +34,11 @@ class Settings:
     tls_cert: Optional[str] = None
     tls_key: Optional[str] = None
     max_body: int = 16 * 1024 * 1024
+    # HTTP/2 request bodies held in memory (received, not yet answered): per connection
+    # and per worker process, across its connections (http2.BodyBudget). Each is raised
+    # to max_body (resp. the connection's) when smaller, so one largest body always fits.
+    max_connection_body_buffer: int = 32 * 1024 * 1024
+    max_worker_body_buffer: int = 128 * 1024 * 1024
     max_header_size: int = 64 * 1024          # all header lines together
     # HTTP/1: request bodies one connection may hold while they wait for their turn
     # (pipelined) before reading from it pauses; a lone request is bounded by max_body.

@@ -236,6 +236,14 @@ PARAMETERS: Dict[str, Tuple[str, Callable[[str], Any], str]] = {
                 "PEM private key for https listeners. Default: the --tls-cert file."),
     "max-body": ("max_body", _size,
                  "Largest request body accepted (bytes; K, M, G suffixes). Default: 16M."),
+    "max-connection-body-buffer": ("max_connection_body_buffer", _size,
+                                   "HTTP/2: request body bytes one connection may have in "
+                                   "memory at once (larger uploads wait their turn). At least "
+                                   "--max-body. Default: 32M (or --max-body if larger)."),
+    "max-worker-body-buffer": ("max_worker_body_buffer", _size,
+                               "HTTP/2: request body bytes all connections of one worker may "
+                               "have in memory at once. At least --max-connection-body-buffer. "
+                               "Default: 128M (or --max-connection-body-buffer if larger)."),
     "max-header-size": ("max_header_size", _size,
                         "Largest request head (all header lines). Default: 64K."),
     "max-pipeline-bytes": ("max_pipeline_bytes", _size,
@@ -354,6 +362,18 @@ class Options(usage.Options):
         if values.get("tls_cert"):
             values.setdefault("tls_key", values["tls_cert"])
             _check_tls(values["tls_cert"], values["tls_key"])
+        # Each body budget must hold the largest body the next smaller limit allows, or
+        # such an upload could never be admitted; defaults grow along, given values must fit.
+        smaller = ("--max-body", values.get("max_body", _DEFAULTS.max_body))
+        for option, field in (("--max-connection-body-buffer", "max_connection_body_buffer"),
+                              ("--max-worker-body-buffer", "max_worker_body_buffer")):
+            given = values.get(field)
+            if given is None:
+                values[field] = max(getattr(_DEFAULTS, field), smaller[1])
+            elif given < smaller[1]:
+                raise usage.UsageError("%s (%d bytes) must be at least %s (%d bytes)"
+                                       % (option, given, smaller[0], smaller[1]))
+            smaller = (option, values[field])
 
 
 def _check_tls(cert: str, key: str) -> None:

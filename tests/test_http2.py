@@ -393,8 +393,12 @@ def test_streamed_body_too_large_is_413_and_stream_refused():
     client = MemoryClient(make_factory(dispatch, max_body=100000))
     stream_id = client.request("POST", "/", end=False)
     for _ in range(10):   # 160 kB, the request not finished
-        client.h2.send_data(stream_id, b"x" * 16000)
-    client.pump()
+        if client.results[stream_id].ended:
+            break
+        size = min(16000, client.h2.local_flow_control_window(stream_id))
+        assert size > 0, "the client must be able to send until it gets its 413"
+        client.h2.send_data(stream_id, b"x" * size)
+        client.pump()   # the window beyond the first 64 KiB opens as the body is admitted
     result = client.results[stream_id]
     assert result.status == 413 and result.ended
     # ...and the client is asked to stop sending the rest.
@@ -813,3 +817,153 @@ async def test_http1_on_the_same_port(tcp_server):
     assert out == b"hello 1.1"
     out, err, code = await curl("-i", "--http1.1", "http://127.0.0.1:%d/x" % port)
     assert b"x-remote: false" in out.lower()
+
+
+# -- hostile clients (in memory; the daemon-level versions are in test_http2_abuse.py) -------------
+
+def test_rapid_reset_cancels_queued_work_and_ends_the_connection():
+    from omni_httpd.http2 import RESET_BURST
+
+    dispatch = HeldDispatch()
+    client = MemoryClient(make_factory(dispatch))
+    for _ in range(RESET_BURST + 50):
+        if client.transport.disconnecting:
+            break
+        # Each pair in its own read, so each request reaches the dispatcher first.
+        stream_id = client.request("GET", "/attack")
+        client.h2.reset_stream(stream_id, ErrorCodes.CANCEL)
+        client.pump()
+    assert client.goaway is not None
+    assert client.goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+    assert client.transport.disconnecting
+    # Every dispatched request was cancelled: queued work for it would be skipped.
+    assert len(dispatch.calls) == RESET_BURST + 1
+    assert all(d.called for _request, _remote, d in dispatch.calls)
+
+
+def test_requests_reset_in_the_same_read_are_never_dispatched():
+    dispatch = HeldDispatch()
+    client = MemoryClient(make_factory(dispatch))
+    for _ in range(50):
+        stream_id = client.h2.get_next_available_stream_id()
+        client.results[stream_id] = StreamResult()
+        client.h2.send_headers(stream_id, [(":method", "GET"), (":path", "/x"), (":scheme", "http"),
+                                           (":authority", "a")], end_stream=True)
+        client.h2.reset_stream(stream_id, ErrorCodes.CANCEL)
+    kept = client.request("GET", "/kept")   # sent in the same read as the 50 pairs
+    assert [call[0].path for call in dispatch.calls] == ["/kept"]
+    dispatch.answer(0, Response(200, [], b"kept"))
+    client.pump()
+    assert client.results[kept].body == b"kept" and not client.transport.disconnecting
+
+
+def test_a_client_cancelling_its_streams_now_and_then_is_not_cut_off():
+    clock = Clock()
+    dispatch = HeldDispatch()
+    client = MemoryClient(make_factory(dispatch, clock=clock))
+    for _round in range(3):
+        # A browser navigating away: every open stream cancelled at once.
+        streams = [client.request("GET", "/page/%d" % index) for index in range(100)]
+        for stream_id in streams:
+            client.h2.reset_stream(stream_id, ErrorCodes.CANCEL)
+        client.pump()
+        for index in range(100):   # the next page is answered
+            stream_id = client.request("GET", "/next/%d" % index)
+            dispatch.calls[-1][2].callback(Response(200, [], b"ok"))
+            client.pump()
+            assert client.results[stream_id].body == b"ok"
+        clock.advance(1)
+    assert client.goaway is None and not client.transport.disconnecting
+
+
+def test_closing_the_connection_cancels_its_dispatched_streams():
+    dispatch = HeldDispatch()
+    client = MemoryClient(make_factory(dispatch))
+    for index in range(10):
+        client.request("GET", "/queued/%d" % index)
+    assert len(dispatch.calls) == 10
+    client.server.connectionLost(None)
+    assert all(d.called for _request, _remote, d in dispatch.calls)
+    # The late results (of work that had already started) go nowhere, quietly.
+    dispatch.answer(0, Response(200, [], b"late"))
+
+
+def test_ping_flood_ends_the_connection_with_enhance_your_calm():
+    from omni_httpd.http2 import CONTROL_BURST
+
+    client = MemoryClient(make_factory(echo_dispatch))
+    for index in range(CONTROL_BURST + 10):
+        client.h2.ping(index.to_bytes(8, "big"))
+    client.pump()
+    assert client.goaway is not None
+    assert client.goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+    assert client.transport.disconnecting
+
+
+def test_reading_stops_while_the_client_does_not_read():
+    client = MemoryClient(make_factory(echo_dispatch))
+    client.server.protocol.pauseProducing()      # the transport's buffer is full
+    assert client.transport.producerState == "paused"
+    client.server.protocol.resumeProducing()     # ...and drained again
+    assert client.transport.producerState == "producing"
+    stream_id = client.request("GET", "/after")
+    assert client.results[stream_id].status == 200
+
+
+def test_body_window_opens_only_within_the_connection_budget():
+    dispatch = HeldDispatch()
+    client = MemoryClient(make_factory(dispatch, max_body=MB, max_connection_body_buffer=MB + 1,
+                                       max_worker_body_buffer=64 * MB))
+    client.h2.increment_flow_control_window(64 * MB)
+    first = client.request("POST", "/first", headers=[("content-length", str(MB))], body=b"a" * MB)
+    second = client.request("POST", "/second", headers=[("content-length", str(MB))],
+                            body=b"b" * MB)
+    # The first body was admitted and arrived; the second only got its first window and
+    # waits, without a WINDOW_UPDATE, until the first one's memory is given back.
+    assert [call[0].path for call in dispatch.calls] == ["/first"]
+    assert client.h2.local_flow_control_window(second) == 0
+    assert len(client.outgoing[second]) == MB - 65535
+    dispatch.answer(0, Response(200, [], b"one"))
+    client.pump()
+    assert [call[0].path for call in dispatch.calls] == ["/first", "/second"]
+    assert dispatch.calls[1][0].body == b"b" * MB
+    dispatch.answer(1, Response(200, [], b"two"))
+    client.pump()
+    assert client.results[first].body == b"one" and client.results[second].body == b"two"
+
+
+def test_many_uploads_on_one_connection_all_complete_intact():
+    bodies = [os.urandom(300 * 1024 + index) for index in range(30)]
+    client = MemoryClient(make_factory(echo_dispatch, max_body=MB, max_connection_body_buffer=MB,
+                                       max_worker_body_buffer=2 * MB))
+    client.h2.increment_flow_control_window(64 * MB)
+    streams = [client.request("POST", "/u/%d" % index, body=body,
+                              headers=[] if index % 2 else [("content-length", str(len(body)))])
+               for index, body in enumerate(bodies)]
+    client.pump()
+    for stream_id, body in zip(streams, bodies):
+        result = client.results[stream_id]
+        assert result.ended and result.status == 200
+        assert bytes(result.body) == body
+    protocol = client.server.protocol
+    assert protocol._body_reserved == 0 and protocol.body_budget.used == 0
+
+
+def test_body_budget_options_must_hold_the_largest_body():
+    from omni_httpd.tap import Options
+
+    def parse(*argv):
+        options = Options(environ={})
+        options.parseOptions(list(argv))
+        return options.settings
+
+    settings = parse()
+    assert (settings.max_connection_body_buffer, settings.max_worker_body_buffer) == (32 * MB, 128 * MB)
+    settings = parse("--max-body", "64M")
+    assert (settings.max_connection_body_buffer, settings.max_worker_body_buffer) == (64 * MB, 128 * MB)
+    settings = parse("--max-connection-body-buffer", "20M", "--max-worker-body-buffer", "40M")
+    assert (settings.max_connection_body_buffer, settings.max_worker_body_buffer) == (20 * MB, 40 * MB)
+    with pytest.raises(SystemExit):
+        parse("--max-connection-body-buffer", "1M")     # smaller than --max-body (16M)
+    with pytest.raises(SystemExit):
+        parse("--max-worker-body-buffer", "20M")        # smaller than the connection's 32M

@@ -152,3 +152,59 @@ def test_https_listener_negotiates_h2_with_alpn(two_workers):
     curl1 = subprocess.run(["curl", "-sk", "--http1.1", "-o", "-", "-w", "\n%{http_version}",
                             "https://127.0.0.1:%d/z" % port], capture_output=True, text=True, timeout=30)
     assert curl1.stdout.splitlines() == ["over tls /z", "1.1"], curl1.stderr
+
+
+def test_null_body_ends_the_stream_here_and_on_a_sibling(two_workers):
+    dsn, _daemon = two_workers
+    port = serve(dsn, """SELECT CASE WHEN request.path = '/slow' AND pg_sleep(0.5) IS NOT NULL
+                                     THEN omni_httpd.http_response('slow')
+                                     ELSE omni_httpd.http_response(body => null) END FROM request""")
+    # The slow one keeps this worker busy, so the others are re-sent to the sibling.
+    slow, *nulls = h2_exchange(port, [("GET", "/slow", b"")] + [("GET", "/null", b"")] * 3, timeout=30)
+    assert slow.status == 200 and slow.body == b"slow"
+    for result in nulls:
+        assert result.ended and result.reset is None and result.status == 200
+        assert result.body == b"" and "content-length" not in dict(result.headers)
+
+
+def test_closed_connection_cancels_queued_streams_and_the_sibling_channel_survives(two_workers):
+    import time
+
+    from daemon_support import wait_until
+
+    dsn, daemon = two_workers
+    mark = daemon.mark()
+    sql(dsn, "CREATE TABLE h2_queued(path text)")
+    port = serve(dsn, """WITH w AS (INSERT INTO h2_queued SELECT request.path FROM request
+                                    WHERE pg_sleep(CASE WHEN request.path = '/slow' THEN 1.5 ELSE 0 END)
+                                          IS NOT NULL)
+                         SELECT omni_httpd.http_response('ran ' || request.path) FROM request""")
+    import h2.config
+    import h2.connection
+
+    connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    connection.initiate_connection()
+    for index in range(41):
+        path = "/slow" if index == 0 else "/queued/%d" % index
+        connection.send_headers(connection.get_next_available_stream_id(),
+                                [(":method", "GET"), (":path", path), (":scheme", "http"),
+                                 (":authority", "127.0.0.1")], end_stream=True)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(connection.data_to_send())
+    wait_until(lambda: sql(dsn, "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'",
+                           fetch=True)[0][0] == 1, what="the slow handler to be running")
+    sock.close()
+    wait_until(lambda: sql(dsn, "SELECT count(*) FROM h2_queued WHERE path = '/slow'", fetch=True)[0][0] == 1,
+               what="the slow handler to finish")
+    # Both workers still answer, the sibling channel included (two streams at once: one
+    # of them is re-sent while the other runs).
+    started = time.monotonic()
+    results = h2_exchange(port, [("GET", "/after/1", b""), ("GET", "/after/2", b"")], timeout=30)
+    assert [r.status for r in results] == [200, 200]
+    assert time.monotonic() - started < 5
+    # A stream that had gone to the idle sibling at once may have run there; none of
+    # those queued behind the slow one did.
+    ran = sql(dsn, "SELECT count(*) FROM h2_queued WHERE path LIKE '/queued/%'", fetch=True)[0][0]
+    assert ran <= 1, "%d of 40 queued handlers ran" % ran
+    log = "\n".join(daemon.lines[mark:])
+    assert "Traceback" not in log and "re-sent to worker" not in log, log[-3000:]
