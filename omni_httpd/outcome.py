@@ -82,13 +82,9 @@ def _response(status: Optional[int], names: Optional[List[str]], values: Optiona
         # other values cannot be written on a status line at all.
         log.warn("handler returned HTTP status {status}, answering 500", status=status)
         return response.internal_error()
-    if body is None:
-        # A NULL body is sent as an empty one (content-length: 0): every message must be
-        # delimited, and a length keeps the connection usable where closing it would not.
-        # Statuses that never carry content keep None (no Content-Length at all).
-        if status != 204 and status != 304:
-            body = b""
-    elif not isinstance(body, bytes):
+    # A NULL body stays None: HTTP/1 delimits it with content-length: 0, HTTP/2 by
+    # ending the stream (docs/sql-api.md, "NULL body").
+    if body is not None and not isinstance(body, bytes):
         body = bytes(body)
     headers: List[Tuple[str, str]] = []
     declared: Optional[str] = None

@@ -112,6 +112,12 @@ def sql(dsn: str, statement: str, params=None, fetch: bool = False):
         connection.close()
 
 
+def running_handlers(dsn: str) -> int:
+    """How many handler calls of any worker are running in the database right now."""
+    return sql(dsn, "SELECT count(*) FROM pg_stat_activity WHERE state = 'active'"
+                    " AND query LIKE 'SELECT * FROM pg_temp.\"omni_httpd_h%%'", fetch=True)[0][0]
+
+
 def reload_count(dsn: str) -> int:
     return sql(dsn, "SELECT count(*) FROM omni_httpd.configuration_reloads", fetch=True)[0][0]
 

@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from daemon_support import (ROOT, Daemon, add_listener, effective_port, set_handler, sql,
+from daemon_support import (ROOT, Daemon, add_listener, effective_port, running_handlers, set_handler, sql,
                             twistd_argv, wait_reloads, wait_until)
 
 
@@ -71,8 +71,7 @@ def test_sigterm_lets_a_slow_request_finish(empty_dsn):
     result = {}
     client = threading.Thread(target=lambda: result.setdefault("reply", get(port)))
     client.start()
-    wait_until(lambda: sql(empty_dsn, "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT * FROM pg_temp.\"omni_httpd_h%%' "
-                                      "AND state = 'active'", fetch=True)[0][0] == 1, what="request running")
+    wait_until(lambda: running_handlers(empty_dsn) == 1, what="request running")
     code = daemon.stop(signal.SIGTERM)
     client.join(30)
     assert code == 0
@@ -123,8 +122,7 @@ def test_shutdown_grace_is_bounded_and_an_abandoned_handler_does_not_commit(empt
     port = effective_port(empty_dsn, listener)
     client = socket.create_connection(("127.0.0.1", port), timeout=60)
     client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-    wait_until(lambda: sql(empty_dsn, "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT * FROM pg_temp.\"omni_httpd_h%%' "
-                                      "AND state = 'active'", fetch=True)[0][0] == 1, what="request running")
+    wait_until(lambda: running_handlers(empty_dsn) == 1, what="request running")
     assert daemon.stop(signal.SIGTERM, timeout=20) == 0
     try:
         assert client.recv(65536) == b""  # dropped without a response...
