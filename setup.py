@@ -55,6 +55,9 @@ setup(
             "pytest>=7",
             "pytest-twisted>=1.14",
             "treq>=23.11",
+            # Property-based tests: the SQL lexer against PostgreSQL's scanner, and the
+            # fuzzing of HTTP/1 byte streams and HTTP/2 frames against a real worker.
+            "hypothesis>=6.80",
             # Admin console tests drive the system Chromium (/usr/bin/chromium, Debian
             # package "chromium"); never `playwright install`.
             "playwright>=1.40",

@@ -84,7 +84,7 @@ def test_two_streams_of_one_connection_run_concurrently_in_two_sessions(two_work
     sql(dsn, COORDINATION)
     port = serve(dsn, COORDINATED_HANDLER)
     first, second = h2_exchange(port, [("GET", "/first", b""), ("GET", "/second", b"")])
-    assert (first.status, second.status) == (200, 200), (first.body, second.body)
+    assert (first.status, second.status) == (200, 200), (first.body, second.body, _daemon.output[-3000:])
     assert first.body.startswith(b"first ran beside second in backend ")
     assert second.body.startswith(b"second in backend ")
     assert first.body.rsplit(b" ", 1)[1] != second.body.rsplit(b" ", 1)[1]
