@@ -28,6 +28,11 @@ BEGIN
 END $$;
 CREATE FUNCTION second_request() RETURNS text LANGUAGE plpgsql AS $$
 BEGIN
+    -- Whichever worker starts first: wait for the first request to hold its lock.
+    FOR i IN 1..400 LOOP
+        EXIT WHEN EXISTS (SELECT FROM pg_locks WHERE locktype = 'advisory' AND objid = 7001 AND granted);
+        PERFORM pg_sleep(0.05);
+    END LOOP;
     PERFORM pg_advisory_xact_lock(7002);
     PERFORM pg_advisory_xact_lock(7001);
     RETURN 'second in backend ' || pg_backend_pid();
