@@ -22,7 +22,11 @@ setup(
     python_requires=">=3.9",
     # "twisted.plugins" has no __init__.py on purpose: only our plugin module is
     # installed into Twisted's plugin directory.
-    packages=["omni_httpd", "omni_httpd.admin_assets", "twisted.plugins"],
+    # One package per process (docs/architecture.md): common (both), master, worker (and
+    # its HTTP protocols), console.
+    packages=["omni_httpd", "omni_httpd.common", "omni_httpd.master", "omni_httpd.worker",
+              "omni_httpd.worker.http", "omni_httpd.console", "omni_httpd.admin_assets",
+              "twisted.plugins"],
     package_dir={"omni_httpd.admin_assets": "admin"},
     package_data={
         "omni_httpd": ["sql/*.sql"],

@@ -106,7 +106,7 @@ def missing_tools(tools: List[str]) -> List[str]:
     missing = []
     for tool in tools:
         if tool == "pgbench":
-            from omni_httpd.embedded_pg import EmbeddedPostgresError, find_bin_dir
+            from omni_httpd.master.embedded_pg import EmbeddedPostgresError, find_bin_dir
             try:
                 bin_dir = find_bin_dir()
             except EmbeddedPostgresError:
@@ -311,7 +311,7 @@ def run_pgbench(target: Target, workloads: List[Workload], ctx: Context, pgbench
 # -- database ---------------------------------------------------------------------------------
 def start_database(workdir: str, max_connections: int):
     import psycopg2
-    from omni_httpd.embedded_pg import EmbeddedPostgres
+    from omni_httpd.master.embedded_pg import EmbeddedPostgres
     pg = EmbeddedPostgres(os.path.join(workdir, "pg"),
                           settings={"max_connections": str(max_connections), "fsync": "off",
                                     "synchronous_commit": "off", "full_page_writes": "off"})
@@ -485,7 +485,7 @@ def main(argv=None) -> int:
     try:
         import h2  # noqa: F401
         import psycopg2  # noqa: F401
-        import omni_httpd.embedded_pg  # noqa: F401
+        import omni_httpd.master.embedded_pg  # noqa: F401
     except ImportError as exc:
         print("run this with the project's environment (pip install -e '.[bench]'): %s" % exc, file=sys.stderr)
         return 2

@@ -12,7 +12,7 @@ from twisted.web.client import Agent
 from twisted.web.server import Site
 from treq.client import HTTPClient
 
-from omni_httpd.console import AdminConsole
+from omni_httpd.console.app import AdminConsole
 from daemon_support import reactor_wait_until
 
 CHROMIUM = "/usr/bin/chromium"

@@ -14,7 +14,7 @@ from typing import Optional
 import psycopg2
 import pytest
 
-from omni_httpd.embedded_pg import EmbeddedPostgres
+from omni_httpd.master.embedded_pg import EmbeddedPostgres
 
 _counter = itertools.count()
 
@@ -76,7 +76,7 @@ def _drop_database(cluster, name):
 @pytest.fixture(scope="session")
 def schema_template(pg_cluster):
     """Name of a database with the omni_httpd schema installed, to copy from."""
-    from omni_httpd import migrations
+    from omni_httpd.master import migrations
 
     name = create_database(pg_cluster, "t_template")
     migrations.apply(dsn_for(pg_cluster, name))

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from omni_httpd import tap
+from omni_httpd.master import tap
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")

@@ -15,7 +15,7 @@ import re
 import psycopg2
 import pytest
 
-from daemon_support import Daemon, add_listener, effective_port, sql, wait_reloads, wait_until
+from daemon_support import Daemon, add_listener, effective_port, sql, wait_reloads
 from conftest import create_database, dsn_for, _drop_database
 
 

@@ -21,11 +21,11 @@ import treq
 from twisted.internet import defer, reactor, threads
 
 from admin_support import ConsoleClient, FixedState, ServedConsole, wait_for
-from omni_httpd import proxy
-from omni_httpd.console import AdminConsole
-from omni_httpd.console_auth import COOKIE_NAME
-from omni_httpd.queries import NOTIFY_CHANNEL
-from omni_httpd.settings import Settings
+from omni_httpd.worker import proxy
+from omni_httpd.console.app import AdminConsole
+from omni_httpd.console.auth import COOKIE_NAME
+from omni_httpd.master.queries import NOTIFY_CHANNEL
+from omni_httpd.common.settings import Settings
 from daemon_support import sql
 
 PASSWORD = "correct horse battery staple"

@@ -16,11 +16,11 @@ from twisted.internet.task import deferLater
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from omni_httpd import proxy
-from omni_httpd.dbthread import DatabaseUnavailable, DBThread, HandlerError
-from omni_httpd.outcome import LocalExecutor
-from omni_httpd.request import Request
-from omni_httpd.settings import Settings
+from omni_httpd.worker import proxy
+from omni_httpd.worker.dbthread import DatabaseUnavailable, DBThread, HandlerError
+from omni_httpd.worker.executor import LocalExecutor
+from omni_httpd.common.request import Request
+from omni_httpd.common.settings import Settings
 from daemon_support import sql
 
 def respond(expression, where=""):

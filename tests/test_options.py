@@ -9,8 +9,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from omni_httpd import tap
-from omni_httpd.settings import Settings
+from omni_httpd.master import tap
+from omni_httpd.common.settings import Settings
 
 
 def parse(argv, environ=None):

@@ -2,9 +2,9 @@
 import pytest
 from twisted.logger import globalLogPublisher
 
-from omni_httpd import response
-from omni_httpd.outcome import ProxyOutcome, response_from_row
-from omni_httpd.response import Response
+from omni_httpd.common import response
+from omni_httpd.common.outcome import ProxyOutcome, response_from_row
+from omni_httpd.common.response import Response
 
 
 def row(kind="response", status=200, names=None, values=None, body=None, url=None,

@@ -23,8 +23,9 @@ import tempfile
 import pytest
 
 from daemon_support import ROOT, Daemon, effective_port, sql, twistd_argv, wait_until
-from omni_httpd import privileges, tap
-from omni_httpd.privileges import R, W, X, Account, first_inaccessible, permits
+from omni_httpd.master import privileges
+from omni_httpd.master import tap
+from omni_httpd.master.privileges import R, W, X, Account, first_inaccessible, permits
 
 IS_ROOT = os.geteuid() == 0
 NOBODY = pwd.getpwnam("nobody")
@@ -132,7 +133,7 @@ def test_requirements_name_interpreter_packages_socket_run_dir_and_tls():
     needed = dict(privileges.worker_requirements("host=/run/pg dbname=x", "/tmp", ("/etc/c.pem", None)))
     assert needed[sys.executable] == R | X
     assert needed["/run/pg"] == X and needed["/tmp"] == X and needed["/etc/c.pem"] == R
-    package = os.path.dirname(os.path.abspath(privileges.__file__))
+    package = os.path.dirname(os.path.dirname(os.path.abspath(privileges.__file__)))   # omni_httpd/
     assert needed[package] == R | X
 
 
@@ -198,7 +199,7 @@ def uid_of(pid: int) -> int:
 def account_can_run_worker(python: str, account: pwd.struct_passwd, dsn=None, pythonpath=None) -> bool:
     """Whether ``python`` run as account imports the worker (and reaches the database):
     found out by doing it, not with the code under test."""
-    code = "import omni_httpd.worker, twisted, psycopg2, h2, httptools"
+    code = "import omni_httpd.worker.main, twisted, psycopg2, h2, httptools"
     if dsn:
         code += "; psycopg2.connect(%r).close()" % dsn
     env = dict(os.environ, PYTHONPATH=pythonpath or os.pathsep.join(os.path.abspath(p) for p in sys.path))
@@ -281,7 +282,7 @@ def test_workers_run_as_the_embedded_clusters_account_when_it_can_run_them():
     os.mkdir(data_dir)
     os.chmod(data_dir, 0o755)   # made private (0700) at start
     try:
-        from omni_httpd.embedded_pg import service_account
+        from omni_httpd.master.embedded_pg import service_account
         account = service_account()   # root: postgres or nobody; else None
         found = _accessible_python(account) if account is not None else (sys.executable, None)
         if found is None:

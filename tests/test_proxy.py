@@ -12,9 +12,9 @@ from twisted.internet.defer import Deferred
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from omni_httpd import proxy
-from omni_httpd.request import Request
-from omni_httpd.settings import Settings
+from omni_httpd.worker import proxy
+from omni_httpd.common.request import Request
+from omni_httpd.common.settings import Settings
 from conftest import _drop_database, create_database, dsn_for
 from daemon_support import Daemon, add_listener, effective_port, sql, wait_reloads
 

@@ -11,9 +11,9 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, protocol, reactor
 
-from omni_httpd.request import Request
-from omni_httpd.response import ABORT, Response
-from omni_httpd.siblings import SiblingClient, SiblingError, SiblingServer
+from omni_httpd.common.request import Request
+from omni_httpd.common.response import ABORT, Response
+from omni_httpd.worker.siblings import SiblingClient, SiblingError, SiblingServer
 from tests.test_http2 import MB, _poll, within
 
 
@@ -165,7 +165,7 @@ async def test_sibling_closing_its_end_fails_pending(sibling):
 _SERVER_SCRIPT = r"""
 import sys
 from twisted.internet import defer, reactor
-from omni_httpd.siblings import SiblingServer
+from omni_httpd.worker.siblings import SiblingServer
 
 def execute(request):
     sys.stdout.write("got %s\n" % request.path)

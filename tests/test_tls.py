@@ -17,10 +17,10 @@ from twisted.internet import defer, reactor, ssl
 from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
 
-from omni_httpd.connection import ServerFactory
-from omni_httpd.response import Response
-from omni_httpd.settings import Settings
-from omni_httpd.tls import TLSConfigError, server_context_factory, tls_factory
+from omni_httpd.worker.http.connection import ServerFactory
+from omni_httpd.common.response import Response
+from omni_httpd.common.settings import Settings
+from omni_httpd.worker.http.tls import TLSConfigError, server_context_factory, tls_factory
 from tests.test_http2 import MB, H2SocketClient, HeldDispatch, _poll, curl, echo_dispatch, within
 
 

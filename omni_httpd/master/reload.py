@@ -13,9 +13,10 @@ from typing import Dict, List, Tuple
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from omni_httpd import config as configuration
-from omni_httpd import listeners, queries
-from omni_httpd.config import Configuration
+from omni_httpd.master import config as configuration
+from omni_httpd.master import listeners
+from omni_httpd.master import queries
+from omni_httpd.master.config import Configuration
 
 log = Logger()
 

@@ -21,10 +21,10 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from omni_httpd.http2 import HTTP2Protocol
-from omni_httpd.request import Request
-from omni_httpd.response import Response
-from omni_httpd.settings import Settings
+from omni_httpd.worker.http.http2 import HTTP2Protocol
+from omni_httpd.common.request import Request
+from omni_httpd.common.response import Response
+from omni_httpd.common.settings import Settings
 
 log = Logger()
 
@@ -171,7 +171,7 @@ class ServerFactory(Factory):
         return connection
 
     def build_http1(self) -> Protocol:
-        from omni_httpd.http1 import HTTP1Protocol
+        from omni_httpd.worker.http.http1 import HTTP1Protocol
 
         return HTTP1Protocol(self._dispatch_local, self.settings, self.listener_id,
                              scheme=self.scheme, clock=self.clock,

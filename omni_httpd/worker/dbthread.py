@@ -37,10 +37,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from omni_httpd import handler_call
-from omni_httpd.handler_call import (DatabaseUnavailable, HandlerError, HandlerRow, Installed,
+from omni_httpd.common import handler_call
+from omni_httpd.common.handler_call import (DatabaseUnavailable, HandlerError, HandlerRow, Installed,
                                      SessionDirty, error_text, function_name, statement_name)
-from omni_httpd.request import Request
+from omni_httpd.common.request import Request
 
 __all__ = ["DBThread", "DatabaseUnavailable", "HandlerError", "HandlerRow", "error_text",
            "function_name", "statement_name", "CONNECTION_DEFAULTS"]

@@ -69,11 +69,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from omni_httpd.accesslog import log_request
-from omni_httpd.httpdate import http_date
-from omni_httpd.request import METHODS, Request, split_target
-from omni_httpd.response import REASONS, Response, error_response, internal_error
-from omni_httpd.settings import Settings
+from omni_httpd.worker.http.accesslog import log_request
+from omni_httpd.worker.http.httpdate import http_date
+from omni_httpd.common.request import METHODS, Request, split_target
+from omni_httpd.common.response import REASONS, Response, error_response, internal_error
+from omni_httpd.common.settings import Settings
 
 log = Logger()
 

@@ -14,7 +14,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from omni_httpd.config import ListenerSpec
+from omni_httpd.master.config import ListenerSpec
 
 BACKLOG = 1024
 _bind_ids = itertools.count(1)

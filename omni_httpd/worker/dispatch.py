@@ -13,8 +13,8 @@ from typing import Dict, Optional
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from omni_httpd.request import Request
-from omni_httpd.response import Response, error_response
+from omni_httpd.common.request import Request
+from omni_httpd.common.response import Response, error_response
 
 log = Logger()
 
@@ -56,7 +56,7 @@ class Dispatcher:
         return None
 
     def _remote(self, slot: int, request: Request) -> defer.Deferred:
-        from omni_httpd.siblings import SiblingClient
+        from omni_httpd.worker.siblings import SiblingClient
 
         # Mark the sibling busy now: until it has received this request and set its own
         # flag, the scoreboard would show it idle and the next stream would pile onto it

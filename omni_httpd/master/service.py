@@ -20,12 +20,14 @@ from twisted.application import service
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
-from omni_httpd import migrations, privileges, queries
-from omni_httpd.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError
-from omni_httpd.fleet import Fleet
-from omni_httpd.reload import Reloader
-from omni_httpd.scoreboard import Scoreboard
-from omni_httpd.settings import Settings
+from omni_httpd.master import migrations
+from omni_httpd.master import privileges
+from omni_httpd.master import queries
+from omni_httpd.master.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError
+from omni_httpd.master.fleet import Fleet
+from omni_httpd.master.reload import Reloader
+from omni_httpd.common.scoreboard import Scoreboard
+from omni_httpd.common.settings import Settings
 
 log = Logger()
 
@@ -181,7 +183,7 @@ class MasterService(service.MultiService):
         from twisted.internet import endpoints
         from twisted.web.server import Site
 
-        from omni_httpd.console import AdminConsole
+        from omni_httpd.console.app import AdminConsole
 
         try:
             console = AdminConsole(self.state, self.dsn, password=self.settings.admin_password,

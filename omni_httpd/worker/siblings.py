@@ -26,8 +26,8 @@ from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from omni_httpd.request import Request
-from omni_httpd.response import Response
+from omni_httpd.common.request import Request
+from omni_httpd.common.response import Response
 
 log = Logger()
 

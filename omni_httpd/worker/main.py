@@ -17,7 +17,7 @@ from typing import Dict, List
 from twisted.internet import defer
 from twisted.logger import Logger, formatEvent, globalLogBeginner
 
-from omni_httpd.settings import Settings
+from omni_httpd.common.settings import Settings
 
 log = Logger()
 
@@ -45,12 +45,12 @@ class Worker:
 
     # -- start-up ---------------------------------------------------------------------------
     async def start(self) -> None:
-        from omni_httpd import control
-        from omni_httpd.dbthread import DBThread
-        from omni_httpd.dispatch import Dispatcher, sibling_socket_path
-        from omni_httpd.outcome import LocalExecutor
-        from omni_httpd.scoreboard import Scoreboard
-        from omni_httpd.siblings import SiblingServer
+        from omni_httpd.common import control
+        from omni_httpd.worker.dbthread import DBThread
+        from omni_httpd.worker.dispatch import Dispatcher, sibling_socket_path
+        from omni_httpd.worker.executor import LocalExecutor
+        from omni_httpd.common.scoreboard import Scoreboard
+        from omni_httpd.worker.siblings import SiblingServer
 
         settings = self.settings
         self.scoreboard = Scoreboard(os.path.join(self.run_dir, "scoreboard"), settings.http_workers)
@@ -161,7 +161,7 @@ class Worker:
         d.addCallbacks(applied, failed)
 
     def _listen(self, fd: int, entry: dict):
-        from omni_httpd.connection import ServerFactory
+        from omni_httpd.worker.http.connection import ServerFactory
 
         scheme = entry["protocol"]
         factory = ServerFactory(self.dispatcher.dispatch, self.settings, entry["id"], scheme,
@@ -171,7 +171,7 @@ class Worker:
         if scheme == "https":
             from twisted.protocols.tls import TLSMemoryBIOFactory
 
-            from omni_httpd.tls import server_context_factory
+            from omni_httpd.worker.http.tls import server_context_factory
 
             served = TLSMemoryBIOFactory(server_context_factory(self.settings.tls_cert, self.settings.tls_key),
                                          False, factory)
@@ -285,7 +285,7 @@ def _import_reactor_without_tls():
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="omni_httpd.worker")
+    parser = argparse.ArgumentParser(prog="omni_httpd.worker.main")
     parser.add_argument("--slot", type=int, required=True)
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--inherited", default="{}")

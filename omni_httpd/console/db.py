@@ -314,8 +314,8 @@ def try_handler(dsn: str, query: str, role_name: str, method: str, path: str,
     Returns the ``omni_httpd._handler_result`` row as a tuple (None: zero rows), ready
     for `omni_httpd.outcome.response_from_row`.
     """
-    from omni_httpd import handler_call
-    from omni_httpd.request import Request
+    from omni_httpd.common import handler_call
+    from omni_httpd.common.request import Request
 
     request = Request(method=method, path=path, query_string=query_string,
                       headers=list(zip(header_names, header_values)), body=body)

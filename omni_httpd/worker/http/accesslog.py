@@ -18,7 +18,7 @@ from typing import Optional
 
 from twisted.logger import Logger
 
-from omni_httpd.request import Request
+from omni_httpd.common.request import Request
 
 log = Logger(namespace="omni_httpd.access")
 

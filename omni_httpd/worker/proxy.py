@@ -49,9 +49,11 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
-from omni_httpd.request import Request
-from omni_httpd.response import Response, error_response
-from omni_httpd.settings import Settings
+from omni_httpd.common.request import Request
+from omni_httpd.common.response import Response, error_response
+from omni_httpd.common.proxy_rules import (AddressPolicy, _plain_address, parse_address_rules,  # noqa: F401
+                                           proxied_by_us, via_pseudonym)
+from omni_httpd.common.settings import Settings
 
 log = Logger()
 
@@ -75,88 +77,6 @@ _FORWARDING = frozenset(["x-forwarded-for", "x-forwarded-proto", "x-forwarded-ho
 CONNECT_TIMEOUT = 10.0
 #: The whole upstream exchange (connect, send, read the answer) must finish within this.
 TIMEOUT = 60.0
-
-
-def via_pseudonym(settings: Settings) -> str:
-    """The name this daemon gives itself in ``Via`` (shared by master and workers)."""
-    return "omni_httpd-" + settings.proxy_token
-
-
-def proxied_by_us(headers, settings: Settings) -> bool:
-    """Did this daemon itself forward a request with these ``(name, value)`` headers?"""
-    own = via_pseudonym(settings).lower()
-    for name, value in headers:
-        if name.lower() != "via":
-            continue
-        for element in value.split(","):
-            parts = element.split()
-            # element: received-protocol received-by [comment]
-            if len(parts) >= 2 and parts[1].lower() == own:
-                return True
-    return False
-
-
-# -- which addresses a proxy outcome may connect to -----------------------------------
-
-#: Address classes usable in --proxy-allow / --proxy-deny besides CIDR networks.
-_CLASSES = {
-    "any": lambda ip: True,
-    # 0.0.0.0 and :: reach the local host too.
-    "loopback": lambda ip: ip.is_loopback or ip.is_unspecified,
-    "private": lambda ip: ip.is_private and not (ip.is_loopback or ip.is_link_local
-                                                 or ip.is_unspecified),
-    "link-local": lambda ip: ip.is_link_local,
-}
-
-
-def parse_address_rules(text: str) -> List[str]:
-    """``"loopback, 10.0.0.0/8"`` -> normalised rules; ValueError explains a bad one."""
-    rules = []
-    for item in text.split(","):
-        item = item.strip().lower()
-        if not item:
-            continue
-        if item in _CLASSES:
-            rules.append(item)
-            continue
-        try:
-            rules.append(str(ipaddress.ip_network(item, strict=False)))
-        except ValueError:
-            raise ValueError("%r is neither an address, a network (CIDR) nor one of %s"
-                             % (item, ", ".join(sorted(_CLASSES)))) from None
-    return rules
-
-
-def _plain_address(text: str):
-    ip = ipaddress.ip_address(text.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        # ::ffff:127.0.0.1 is 127.0.0.1: judge it as such.
-        ip = ip.ipv4_mapped
-    return ip
-
-
-class AddressPolicy:
-    """``--proxy-allow`` (default: any) minus ``--proxy-deny`` (default: nothing)."""
-
-    def __init__(self, allow: str = "any", deny: str = ""):
-        self.allow_text, self.deny_text = allow, deny
-        self._allow = [self._matcher(r) for r in parse_address_rules(allow)]
-        self._deny = [self._matcher(r) for r in parse_address_rules(deny)]
-
-    @staticmethod
-    def _matcher(rule: str):
-        if rule in _CLASSES:
-            return _CLASSES[rule]
-        network = ipaddress.ip_network(rule)
-        return lambda ip: ip.version == network.version and ip in network
-
-    def allows(self, address: str) -> bool:
-        try:
-            ip = _plain_address(address)
-        except ValueError:
-            return False
-        return (any(m(ip) for m in self._allow)
-                and not any(m(ip) for m in self._deny))
 
 
 #: At most this many host names' refused addresses are kept for the log line.

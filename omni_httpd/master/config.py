@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
-from omni_httpd import queries
+from omni_httpd.master import queries
 
 
 @dataclass(frozen=True)

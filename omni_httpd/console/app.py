@@ -25,15 +25,15 @@ from twisted.logger import Logger
 from twisted.web import pages, resource, static
 from werkzeug.exceptions import HTTPException, NotFound
 
-from omni_httpd import console_db as db
-from omni_httpd import proxy
-from omni_httpd.console_auth import (COOKIE_NAME, AdminPassword, LoginThrottle, Sessions,
+from omni_httpd.console import db
+from omni_httpd.common import proxy_rules
+from omni_httpd.console.auth import (COOKIE_NAME, AdminPassword, LoginThrottle, Sessions,
                                      verify_in_thread, write_private_file)
-from omni_httpd.console_db import ConsoleDatabase, DatabaseProblem
-from omni_httpd.outcome import ProxyOutcome, response_from_row
-from omni_httpd.request import METHODS, normalize_path
-from omni_httpd.response import REASONS
-from omni_httpd.settings import Settings
+from omni_httpd.console.db import ConsoleDatabase, DatabaseProblem
+from omni_httpd.common.outcome import ProxyOutcome, response_from_row
+from omni_httpd.common.request import METHODS, normalize_path
+from omni_httpd.common.response import REASONS
+from omni_httpd.common.settings import Settings
 
 log = Logger()
 
@@ -60,7 +60,7 @@ def assets_dir() -> str:
     spec = importlib.util.find_spec("omni_httpd.admin_assets")
     if spec is not None and spec.submodule_search_locations:
         return list(spec.submodule_search_locations)[0]
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "admin")
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "admin")
 
 
 class _StaticFiles(static.File):
@@ -164,7 +164,7 @@ class _Guard(resource.Resource):
                                 "--admin-host." % host)
         via = [("via", v.decode("latin-1"))
                for v in request.requestHeaders.getRawHeaders(b"via") or []]
-        if via and proxy.proxied_by_us(via, self._settings):
+        if via and proxy_rules.proxied_by_us(via, self._settings):
             # A handler's proxy outcome pointed at the console: SQL authors must not get
             # a way in (or a password-guessing channel) through the daemon itself.
             log.warn("admin console: refused a request proxied by one of this daemon's "

@@ -20,7 +20,7 @@ from twisted.application.service import IService
 from twisted.logger import Logger
 from twisted.python import usage
 
-from omni_httpd.settings import Settings
+from omni_httpd.common.settings import Settings
 
 log = Logger()
 
@@ -135,7 +135,7 @@ def _password_file(raw: str) -> str:
 
 
 def _address_rules(raw: str) -> str:
-    from omni_httpd.proxy import parse_address_rules
+    from omni_httpd.common.proxy_rules import parse_address_rules
     rules = parse_address_rules(_text(raw))
     if not rules:
         raise ValueError("must name at least one address, network or class")
@@ -404,6 +404,6 @@ def _check_tls(cert: str, key: str) -> None:
 
 def makeService(options: Options) -> IService:
     # Imported here so that `--help` and option errors work without loading the daemon.
-    from omni_httpd.master import MasterService
+    from omni_httpd.master.service import MasterService
     assert options.settings is not None, "parseOptions() was not called"
     return MasterService(options.settings)

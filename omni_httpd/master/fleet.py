@@ -20,8 +20,8 @@ from twisted.internet import defer
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, LogLevel
 
-from omni_httpd import control
-from omni_httpd.scoreboard import Scoreboard
+from omni_httpd.common import control
+from omni_httpd.common.scoreboard import Scoreboard
 
 log = Logger()
 
@@ -149,7 +149,7 @@ class Fleet:
         for number, (bind_id, fd) in enumerate(sorted(inherited.items()), start=4):
             child_fds[number] = fd
             passed[bind_id] = number
-        args = [sys.executable, "-m", "omni_httpd.worker",
+        args = [sys.executable, "-m", "omni_httpd.worker.main",
                 "--slot", str(slot), "--run-dir", self.run_dir,
                 "--inherited", json.dumps(passed)]
         env = dict(os.environ)

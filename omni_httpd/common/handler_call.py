@@ -25,7 +25,7 @@ from typing import List, Optional, Sequence, Tuple
 import psycopg
 from psycopg import pq, sql
 
-from omni_httpd.request import Request
+from omni_httpd.common.request import Request
 
 #: (kind, status, header_names, header_values, body, proxy_url, preserve_host)
 HandlerRow = Tuple[str, Optional[int], Optional[List[str]], Optional[List[str]],
