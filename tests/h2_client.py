@@ -21,9 +21,10 @@ class StreamResult:
 
 
 def h2_exchange(port: int, requests: List[Tuple[str, str, bytes]], tls: bool = False,
-                headers: Optional[List[Tuple[str, str]]] = None, timeout: float = 30.0) -> List[StreamResult]:
+                headers: Optional[List[Tuple[str, str]]] = None, timeout: float = 30.0,
+                host: str = "127.0.0.1") -> List[StreamResult]:
     """Send every (method, path, body) at once on one connection; wait for all answers."""
-    raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    raw = socket.create_connection((host, port), timeout=timeout)
     if tls:
         context = ssl.create_default_context()
         context.check_hostname = False

@@ -20,8 +20,9 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.client import HTTPConnectionPool
 
 from omni_httpd.worker.http import http1
+from omni_httpd.worker.http.context import ListenerContext
 from omni_httpd.worker.http.http1 import HTTP1Protocol
-from omni_httpd.worker.http.httpdate import format_http_date, http_date
+from omni_httpd.common.httpdate import format_http_date, http_date
 from omni_httpd.common.request import Request
 from omni_httpd.common.response import ABORT, Response
 from omni_httpd.common.settings import Settings
@@ -48,7 +49,7 @@ class FakeDispatch:
                                                           b"hello " + request.path.encode()))
         self.manual = manual
 
-    def __call__(self, request: Request) -> defer.Deferred:
+    def __call__(self, request: Request, allow_remote: bool = False) -> defer.Deferred:
         self.requests.append(request)
         # No canceller, like the DB thread's: a result arriving after a cancel is ignored.
         d = defer.Deferred()
@@ -70,8 +71,8 @@ class Conn:
         self.clock = clock or Clock()
         self.clock.advance(1_000_000)
         self.transport = transport or StringTransport(peerAddress=PEER)
-        self.proto = HTTP1Protocol(self.dispatch, make_settings(**settings), 7, scheme="http",
-                                   clock=self.clock, worker_label="w3")
+        self.proto = HTTP1Protocol(ListenerContext(self.dispatch, make_settings(**settings), 7, scheme="http",
+                                                   clock=self.clock, worker_label="w3"))
         self.proto.makeConnection(self.transport)
 
     def send(self, data: bytes) -> None:
@@ -730,7 +731,7 @@ def test_bytes_delivered_before_handoff():
     dispatch = FakeDispatch()
     transport = StringTransport(peerAddress=PEER)
     clock = Clock()
-    proto = HTTP1Protocol(dispatch, make_settings(), 1, clock=clock)
+    proto = HTTP1Protocol(ListenerContext(dispatch, make_settings(), 1, clock=clock))
     proto.makeConnection(transport)
     proto.dataReceived(b"GET /handed-over HTTP/1.1\r\nHo")
     proto.dataReceived(b"st: h\r\n\r\n")
@@ -760,7 +761,7 @@ def test_stop_accepting_keepalive():
 def test_registry_set_by_factory():
     registry = set()
     transport = StringTransport(peerAddress=PEER)
-    proto = HTTP1Protocol(FakeDispatch(), make_settings(), 1, clock=Clock())
+    proto = HTTP1Protocol(ListenerContext(FakeDispatch(), make_settings(), 1, clock=Clock()))
     proto.registry = registry
     proto.makeConnection(transport)
     assert registry == {proto}
@@ -803,7 +804,7 @@ class _Factory(protocol.Factory):
         self.connections = set()
 
     def buildProtocol(self, addr):
-        proto = HTTP1Protocol(self.dispatch, self.settings, 5, worker_label="w0")
+        proto = HTTP1Protocol(ListenerContext(self.dispatch, self.settings, 5, worker_label="w0"))
         proto.registry = self.connections
         return proto
 

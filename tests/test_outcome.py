@@ -103,23 +103,9 @@ def test_head_keeps_the_body_for_its_length():
     assert response_from_row(row(body=b"hello"), "HEAD").body == b"hello"
 
 
-def test_header_injection_is_dropped(warnings):
-    result = response_from_row(
-        row(names=["x-ok", "x-bad", "bad name", "x-nul"],
-            values=["fine", "a\r\nSet-Cookie: x=1", "v", "a\x00b"], body=b""), "GET")
-    assert result.headers == [("x-ok", "fine")]
-    assert len(warnings) == 3
-
-
 def test_null_header_name_or_value_is_skipped():
     result = response_from_row(row(names=["a", None, "c"], values=[None, "b", "c"], body=b""), "GET")
     assert result.headers == [("c", "c")]
-
-
-@pytest.mark.parametrize("status", [0, 99, 101, 1000, -1])
-def test_unusable_status_is_500(status, warnings):
-    assert response_from_row(row(status=status, body=b"x"), "GET") == response.internal_error()
-    assert len(warnings) == 1
 
 
 @pytest.mark.parametrize("status", [200, 204, 301, 404, 599, 799])

@@ -17,6 +17,7 @@ from twisted.internet import defer, reactor, ssl
 from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
 
+from omni_httpd.worker.http.context import ListenerContext
 from omni_httpd.worker.http.connection import ServerFactory
 from omni_httpd.common.response import Response
 from omni_httpd.common.settings import Settings
@@ -113,8 +114,8 @@ def tls_server(tmp_path):
     ports = []
 
     def start(dispatch=echo_dispatch, **settings):
-        factory = ServerFactory(dispatch, Settings(access_log=False, **settings), 5, "https",
-                                clock=reactor)
+        factory = ServerFactory(ListenerContext(dispatch, Settings(access_log=False, **settings), 5, "https",
+                                                clock=reactor))
         port = reactor.listenTCP(0, tls_factory(server_context_factory(cert, key), factory),
                                  interface="127.0.0.1")
         ports.append((port, factory))

@@ -30,6 +30,7 @@ from omni_httpd.common import proxy_rules
 from omni_httpd.console.auth import (COOKIE_NAME, AdminPassword, LoginThrottle, Sessions,
                                      verify_in_thread, write_private_file)
 from omni_httpd.console.db import ConsoleDatabase, DatabaseProblem
+from omni_httpd.common.exchange import finish
 from omni_httpd.common.outcome import ProxyOutcome, response_from_row
 from omni_httpd.common.request import METHODS, normalize_path
 from omni_httpd.common.response import REASONS
@@ -269,9 +270,17 @@ def outcome_view(row: Optional[tuple], method: str) -> dict:
         return {"kind": "proxy", "url": outcome.url, "preserve_host": outcome.preserve_host}
     if outcome.abort:
         return {"kind": "abort"}
-    return {"kind": "response", "no_rows": row is None, "status": outcome.status,
-            "reason": REASONS.get(outcome.status, ""), "headers": outcome.headers,
-            "body": _body_view(outcome.body), "head": method == "HEAD"}
+    # What a client would get, by the same rules the workers' protocols apply (status,
+    # headers, lengths: common/exchange.py); the body shown is the GET's.
+    out = finish(outcome, False, time.time(), True)
+    headers = list(out.headers)
+    if out.length is not None:
+        headers.append(("content-length", str(out.length)))
+    return {"kind": "response", "no_rows": row is None, "status": out.status,
+            "reason": REASONS.get(out.status, ""), "headers": headers,
+            # (a NULL body stays "no body" on the page, though HTTP/1 says content-length: 0)
+            "body": _body_view(None if outcome.body is None and out.status == outcome.status
+                               else out.body), "head": method == "HEAD"}
 
 
 def _login_required(method):

@@ -162,10 +162,11 @@ class Worker:
 
     def _listen(self, fd: int, entry: dict):
         from omni_httpd.worker.http.connection import ServerFactory
+        from omni_httpd.worker.http.context import ListenerContext
 
         scheme = entry["protocol"]
-        factory = ServerFactory(self.dispatcher.dispatch, self.settings, entry["id"], scheme,
-                                clock=self.reactor, worker_label=self.label)
+        factory = ServerFactory(ListenerContext(self.dispatcher.dispatch, self.settings, entry["id"],
+                                                scheme, clock=self.reactor, worker_label=self.label))
         factory.noisy = False
         served = factory
         if scheme == "https":

@@ -13,7 +13,7 @@ transport's ``dataReceived`` calls go straight to it.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Set
+from typing import List, Optional, Set
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
@@ -21,10 +21,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from omni_httpd.worker.http.context import ListenerContext
 from omni_httpd.worker.http.http2 import HTTP2Protocol
-from omni_httpd.common.request import Request
-from omni_httpd.common.response import Response
-from omni_httpd.common.settings import Settings
 
 log = Logger()
 
@@ -150,17 +148,14 @@ class ServerFactory(Factory):
     ``connections`` holds every live connection; `graceful_close` winds them down.
     """
 
-    def __init__(self, dispatch: Callable[[Request, bool], "defer.Deferred[Response]"],
-                 settings: Settings, listener_id: int, scheme: str = "http",
-                 clock=None, worker_label: str = "") -> None:
-        if clock is None:
-            from twisted.internet import reactor as clock
-        self.dispatch = dispatch
-        self.settings = settings
-        self.listener_id = listener_id
-        self.scheme = scheme
-        self.clock = clock
-        self.worker_label = worker_label
+    def __init__(self, context: ListenerContext) -> None:
+        self.context = context
+        self.dispatch = context.dispatch
+        self.settings = context.settings
+        self.listener_id = context.listener_id
+        self.scheme = context.scheme
+        self.clock = context.clock
+        self.worker_label = context.worker_label
         self.connections: Set[ServerConnection] = set()
         self.closing = False
         self._drained: List[defer.Deferred] = []
@@ -173,17 +168,10 @@ class ServerFactory(Factory):
     def build_http1(self) -> Protocol:
         from omni_httpd.worker.http.http1 import HTTP1Protocol
 
-        return HTTP1Protocol(self._dispatch_local, self.settings, self.listener_id,
-                             scheme=self.scheme, clock=self.clock,
-                             worker_label=self.worker_label)
+        return HTTP1Protocol(self.context)
 
     def build_http2(self) -> HTTP2Protocol:
-        return HTTP2Protocol(self.dispatch, self.settings, self.listener_id,
-                             scheme=self.scheme, clock=self.clock,
-                             worker_label=self.worker_label)
-
-    def _dispatch_local(self, request: Request, allow_remote: bool = False):
-        return self.dispatch(request, False)
+        return HTTP2Protocol(self.context)
 
     def graceful_close(self) -> "defer.Deferred[None]":
         """Wind every connection down (GOAWAY / close after the current response) and

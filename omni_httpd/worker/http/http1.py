@@ -59,7 +59,7 @@ from __future__ import annotations
 import re
 import weakref
 from collections import deque
-from typing import Callable, Deque, List, MutableSet, Optional, Tuple
+from typing import Deque, List, MutableSet, Optional, Tuple
 
 import httptools
 from twisted.internet import defer, tcp
@@ -69,11 +69,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from omni_httpd.worker.http.accesslog import log_request
-from omni_httpd.worker.http.httpdate import http_date
+from omni_httpd.common.exchange import finish, format_peer, log_access, send_now
 from omni_httpd.common.request import METHODS, Request, split_target
 from omni_httpd.common.response import REASONS, Response, error_response, internal_error
-from omni_httpd.common.settings import Settings
+from omni_httpd.worker.http.context import ListenerContext
 
 log = Logger()
 
@@ -96,12 +95,7 @@ _IDLE, _HEAD, _BODY = 0, 1, 2
 # Why reading is paused (bit flags).
 _PAUSE_PIPELINE, _PAUSE_BACKPRESSURE, _PAUSE_BYTES = 1, 2, 4
 
-_SERVER_LINE = "server: omni_httpd\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-# Header names the protocol writes itself; the handler's are dropped.
-_DROPPED = frozenset(["content-length", "transfer-encoding", "connection"])
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+").fullmatch
-_BAD_VALUE = re.compile(r"[\r\n\x00]").search
 _STATUS_LINES = {code: "HTTP/1.1 %d %s\r\n" % (code, reason) for code, reason in REASONS.items()}
 _ABSOLUTE_FORM = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^/?#]*").match
 # RFC 9112 3.2: Host is uri-host [":" port]; anything else (spaces, "/", "@", ...) is a 400.
@@ -138,40 +132,8 @@ class _Pending:
         self.size = len(request.body)       # counted in HTTP1Protocol._queued_bytes
 
 
-def send_now(transport, data: bytes) -> None:
-    """Write ``data``; straight to the socket when Twisted has nothing buffered for it.
-
-    Saves a reactor turn and a write-event registration per response (PERFORMANCE 4).
-    Only for plain TCP/UNIX transports (never TLS: the bytes must go through the TLS
-    layer); anything unexpected falls back to ``transport.write``, which also takes over
-    whatever the socket did not accept and reports socket errors the usual way.
-    """
-    try:
-        if (isinstance(transport, tcp.Connection) and not transport.TLS and transport.connected
-                and not transport.disconnecting and not transport._writeDisconnecting
-                and not transport.dataBuffer and not transport._tempDataLen):
-            sent = transport.socket.send(data)
-            if sent >= len(data):
-                return
-            if sent > 0:
-                data = data[sent:]
-    except Exception:   # EAGAIN, EPIPE, a Twisted without these attributes: let write() cope
-        pass
-    transport.write(data)
-
-
 def _plain_tcp(transport) -> bool:
     return isinstance(transport, tcp.Connection) and not getattr(transport, "TLS", True)
-
-
-def _format_peer(address) -> str:
-    host = getattr(address, "host", None)
-    if host is None:
-        name = getattr(address, "name", None)
-        return name.decode("utf-8", "replace") if isinstance(name, bytes) else (name or "unix")
-    if ":" in host:
-        return "[%s]:%s" % (host, address.port)
-    return "%s:%s" % (host, address.port)
 
 
 def _split(url: str) -> Tuple[str, Optional[str]]:
@@ -202,15 +164,13 @@ class HTTP1Protocol(Protocol):
     #: Optional per-factory set; set it on the instance before ``makeConnection``.
     registry: Optional[MutableSet["HTTP1Protocol"]] = None
 
-    def __init__(self, dispatch: Callable[[Request], defer.Deferred], settings: Settings,
-                 listener_id: int, scheme: str = "http", clock=None, worker_label: str = "") -> None:
-        if clock is None:
-            from twisted.internet import reactor as clock
-        self._dispatch = dispatch
-        self._listener_id = listener_id
-        self._scheme = scheme
-        self._clock = clock
-        self._worker_label = worker_label
+    def __init__(self, context: ListenerContext) -> None:
+        settings = context.settings
+        self._context = context
+        self._listener_id = context.listener_id
+        self._scheme = context.scheme
+        self._clock = context.clock
+        self._worker_label = context.worker_label
         self._max_body = settings.max_body
         self._max_head = settings.max_header_size
         self._max_buffered = settings.max_pipeline_bytes
@@ -275,7 +235,7 @@ class HTTP1Protocol(Protocol):
             self.registry.add(self)
         transport = self.transport
         try:
-            self._peer = _format_peer(transport.getPeer())
+            self._peer = format_peer(transport.getPeer())
         except Exception:
             self._peer = ""
         try:
@@ -582,7 +542,8 @@ class HTTP1Protocol(Protocol):
             self._on_response(self._answer, entry)
             return
         try:
-            d = entry.deferred = self._dispatch(request)
+            # HTTP/1 requests never leave their worker: they must be answered in order.
+            d = entry.deferred = self._context.dispatch(request, False)
             d.addCallbacks(self._on_response, self._on_dispatch_error, (entry,), None, (entry,))
         except Exception:
             log.failure("dispatching {method} {path} failed", method=method, path=path)
@@ -666,53 +627,20 @@ class HTTP1Protocol(Protocol):
 
     def _serialize(self, entry: _Pending, response: Response,
                    close: bool) -> Tuple[bytes, int, int, bool]:
-        """(bytes on the wire, status, body bytes sent, close after it) for one response."""
-        status = response.status
-        body = response.body
-        if type(status) is not int or not 100 <= status <= 999:
-            log.error("handler returned an invalid status {status!r}", status=status)
-            response = internal_error()
-            status, body = 500, response.body
-        if body is not None and type(body) is not bytes:
-            body = bytes(body)      # memoryview / bytearray (bytea from psycopg2)
+        """(bytes on the wire, status, body bytes sent, close after it) for one response.
+
+        What goes out is exchange.finish's; this only writes it as HTTP/1.1 (a NULL body
+        needs content-length: 0 here, to delimit the message).
+        """
+        out = finish(response, entry.head, self._clock.seconds(), True)
+        status = out.status
         parts = [_STATUS_LINES.get(status) or "HTTP/1.1 %d \r\n" % status]
-        add_date = add_server = True
-        for name, value in response.headers:
-            if type(name) is not str or not _TOKEN(name):
-                log.warn("dropping response header with invalid name {name!r}", name=name)
-                continue
-            lname = name.lower()
-            if lname in _DROPPED:
-                continue
-            if type(value) is not str:
-                if value is None:
-                    log.warn("dropping response header {name} with a NULL value", name=name)
-                    continue
-                value = str(value)
-            if _BAD_VALUE(value):
-                # Never let a handler split the response.
-                log.warn("dropping response header {name} with CR, LF or NUL in its value", name=name)
-                continue
-            if lname == "date":
-                add_date = False
-            elif lname == "server":
-                add_server = False
+        for name, value in out.headers:
             parts.append("%s: %s\r\n" % (name, value))
-        send_body = False
-        if status < 200:
-            close = True    # a 1xx cannot be a final answer; close so the client is not left waiting
-        elif status != 204 and status != 304:
-            if body is None:
-                # Every message must be delimited; a keep-alive client would otherwise
-                # wait for a body that never comes (see docs/sql-api.md, NULL body).
-                parts.append("content-length: 0\r\n")
-            else:
-                parts.append("content-length: %d\r\n" % len(body))
-                send_body = not entry.head and len(body) > 0
-        if add_date:
-            parts.append("date: %s\r\n" % http_date(self._clock.seconds()))
-        if add_server:
-            parts.append(_SERVER_LINE)
+        if out.length is not None:
+            parts.append("content-length: %d\r\n" % out.length)
+        for name, value in out.added:
+            parts.append("%s: %s\r\n" % (name, value))
         if close:
             parts.append("connection: close\r\n\r\n")
         elif entry.version == "1.0":
@@ -724,13 +652,14 @@ class HTTP1Protocol(Protocol):
             data = head.encode("latin-1")
         except UnicodeEncodeError:
             data = head.encode("utf-8")
-        if send_body:
+        body = out.body
+        if body:
             return data + body, status, len(body), close
         return data, status, 0, close
 
     def _log(self, entry: _Pending, status: int, sent: int) -> None:
         if self._access_log:
-            log_request(entry.request, entry.method, entry.target, status, sent,
+            log_access(entry.request, entry.method, entry.target, status, sent,
                         self._clock.seconds() - entry.started, self._worker_label,
                         "HTTP/" + entry.version)
 

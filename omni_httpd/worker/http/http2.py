@@ -42,7 +42,6 @@ Decisions worth knowing:
 from __future__ import annotations
 
 import collections
-import re
 from typing import Callable, Deque, Dict, List, Optional, Tuple
 
 from h2.config import H2Configuration
@@ -68,12 +67,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from omni_httpd.worker.http.accesslog import log_request
-from omni_httpd.worker.http.http1 import send_now
-from omni_httpd.worker.http.httpdate import http_date_bytes
+from omni_httpd.common.exchange import finish, log_access, peer_of, send_now
 from omni_httpd.common.request import METHODS, Request, split_target
 from omni_httpd.common.response import Response, error_response, internal_error
-from omni_httpd.common.settings import Settings
+from omni_httpd.worker.http.context import ListenerContext
 
 log = Logger()
 
@@ -111,13 +108,6 @@ _H2_CONFIG = H2Configuration(client_side=False, header_encoding=None,
                              validate_outbound_headers=False,
                              normalize_outbound_headers=False)
 
-#: Handler headers that mean nothing (or something wrong) in HTTP/2.
-_DROPPED_RESPONSE_HEADERS = frozenset(
-    [b"connection", b"transfer-encoding", b"keep-alive", b"upgrade", b"proxy-connection",
-     b"content-length", b"te", b"date"]
-)
-_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9a-z]+$")
-_BAD_VALUE_CHARS = re.compile(rb"[\r\n\x00]")
 
 
 def _text(value: bytes) -> str:
@@ -221,22 +211,18 @@ class _Stream:
 class HTTP2Protocol(Protocol):
     """One HTTP/2 connection, server side.
 
-    Built like ``HTTP1Protocol``: ``HTTP2Protocol(dispatch, settings, listener_id,
-    scheme, clock, worker_label)``, then ``makeConnection(transport)`` and
-    ``dataReceived(bytes already read)``.
+    Built like ``HTTP1Protocol``: ``HTTP2Protocol(context)`` (worker/http/context.py),
+    then ``makeConnection(transport)`` and ``dataReceived(bytes already read)``.
     """
 
-    def __init__(self, dispatch: Dispatch, settings: Settings, listener_id: int,
-                 scheme: str = "http", clock=None, worker_label: str = "",
-                 body_budget: Optional[BodyBudget] = None) -> None:
-        if clock is None:
-            from twisted.internet import reactor as clock
-        self.dispatch = dispatch
-        self.settings = settings
-        self.listener_id = listener_id
-        self.scheme = scheme
-        self.clock = clock
-        self.worker_label = worker_label
+    def __init__(self, context: ListenerContext, body_budget: Optional[BodyBudget] = None) -> None:
+        settings = context.settings
+        self.dispatch = context.dispatch
+        self.settings = context.settings
+        self.listener_id = context.listener_id
+        self.scheme = context.scheme
+        self.clock = context.clock
+        self.worker_label = context.worker_label
         self.peer = ""
         self.h2 = H2Connection(config=_H2_CONFIG)
         self.streams: Dict[int, _Stream] = {}
@@ -271,7 +257,7 @@ class HTTP2Protocol(Protocol):
     # -- connection life cycle -------------------------------------------------------
 
     def connectionMade(self) -> None:
-        self.peer = _peer_text(self.transport)
+        self.peer = peer_of(self.transport)
         self._last_progress = self._reset_stamp = self._control_stamp = self.clock.seconds()
         limit = self.settings.max_header_size
         self.h2.local_settings = H2Settings(client=False, initial_values={
@@ -698,30 +684,18 @@ class HTTP2Protocol(Protocol):
             self._log_access(stream)
             self._forget(stream)
             return
-        status = response.status
-        if not 200 <= status <= 999:
-            log.warn("{label}handler status {status} cannot be sent; answering 500",
-                     label=self._label(), status=status)
-            response = internal_error()
-            status = 500
-        body = response.body
+        out = finish(response, stream.head, self.clock.seconds(), False, self._label())
+        status = out.status
         headers = [(b":status", str(status).encode("ascii"))]
-        for name, value in response.headers:
-            raw_name = name.lower().encode("utf-8", "replace")
-            if raw_name in _DROPPED_RESPONSE_HEADERS:
-                continue
-            raw_value = value.encode("utf-8", "replace")
-            if not _TOKEN.match(raw_name) or _BAD_VALUE_CHARS.search(raw_value):
-                log.warn("{label}dropping response header {name!r}: invalid in HTTP/2",
-                         label=self._label(), name=name)
-                continue
-            headers.append((raw_name, raw_value.strip(b" \t")))
-        no_content = status == 204 or status == 304
-        if body is not None and not no_content:
-            headers.append((b"content-length", str(len(body)).encode("ascii")))
-        headers.append((b"date", http_date_bytes(self.clock.seconds())))
+        for name, value in out.headers:
+            headers.append((name.lower().encode("utf-8", "replace"), value.encode("utf-8", "replace")))
+        if out.length is not None:
+            headers.append((b"content-length", str(out.length).encode("ascii")))
+        for name, value in out.added:
+            headers.append((name.encode("ascii"), value.encode("ascii")))
         stream.status = status
-        send_body = bool(body) and not stream.head and not no_content
+        body = out.body
+        send_body = bool(body)
         self.h2.send_headers(stream_id, headers, end_stream=not send_body)
         if send_body:
             stream.state = _Stream.SENDING
@@ -793,7 +767,7 @@ class HTTP2Protocol(Protocol):
     def _log_access(self, stream: _Stream) -> None:
         if not self.settings.access_log:
             return
-        log_request(stream.request, stream.method, stream.target, stream.status,
+        log_access(stream.request, stream.method, stream.target, stream.status,
                     stream.sent, self.clock.seconds() - stream.started,
                     self.worker_label, "HTTP/2")
 
@@ -922,15 +896,3 @@ def _abandon(stream: _Stream) -> None:
         stream.pending = None
         d.pause()
         d.cancel()
-
-
-def _peer_text(transport) -> str:
-    try:
-        peer = transport.getPeer()
-    except Exception:
-        return ""
-    host = getattr(peer, "host", None)
-    port = getattr(peer, "port", None)
-    if host is None:
-        return str(peer)
-    return "%s:%s" % (host, port)

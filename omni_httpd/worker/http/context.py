@@ -1,0 +1,28 @@
+"""What the connections of one listener share, passed to each protocol as one object."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from omni_httpd.common.settings import Settings
+
+
+@dataclass(frozen=True)
+class ListenerContext:
+    """What the connections of one listener share (one per listener and worker).
+
+    ``dispatch(request, allow_remote)`` runs a request (dispatch.py); HTTP/1 never lets a
+    request leave its worker, HTTP/2 may.
+    """
+
+    dispatch: Callable[..., Any]
+    settings: Settings
+    listener_id: int
+    scheme: str = "http"
+    clock: Any = None
+    worker_label: str = ""
+
+    def __post_init__(self):
+        if self.clock is None:
+            from twisted.internet import reactor
+            object.__setattr__(self, "clock", reactor)
