@@ -741,7 +741,6 @@ def test_bytes_delivered_before_handoff():
 
 def test_stop_accepting_keepalive():
     idle = Conn()
-    assert idle.proto in HTTP1Protocol.live
     idle.proto.stop_accepting_keepalive()
     assert idle.closed and idle.transport.value() == b""
 
@@ -755,18 +754,7 @@ def test_stop_accepting_keepalive():
     [resp] = busy.responses()
     assert resp.header("connection") == "close" and busy.closed
     busy.proto.connectionLost(None)
-    assert closed.called and busy.proto not in HTTP1Protocol.live
-
-
-def test_registry_set_by_factory():
-    registry = set()
-    transport = StringTransport(peerAddress=PEER)
-    proto = HTTP1Protocol(ListenerContext(FakeDispatch(), make_settings(), 1, clock=Clock()))
-    proto.registry = registry
-    proto.makeConnection(transport)
-    assert registry == {proto}
-    proto.connectionLost(None)
-    assert registry == set()
+    assert closed.called
 
 
 def test_access_log_line():
@@ -804,9 +792,23 @@ class _Factory(protocol.Factory):
         self.connections = set()
 
     def buildProtocol(self, addr):
-        proto = HTTP1Protocol(ListenerContext(self.dispatch, self.settings, 5, worker_label="w0"))
-        proto.registry = self.connections
-        return proto
+        return _Tracked(ListenerContext(self.dispatch, self.settings, 5, worker_label="w0"), self.connections)
+
+
+class _Tracked(HTTP1Protocol):
+    """The protocol, with the test's own record of live connections."""
+
+    def __init__(self, context, connections):
+        super().__init__(context)
+        self._connections = connections
+
+    def connectionMade(self):
+        self._connections.add(self)
+        super().connectionMade()
+
+    def connectionLost(self, reason=None):
+        self._connections.discard(self)
+        super().connectionLost(reason)
 
 
 @pytest_twisted.inlineCallbacks

@@ -34,7 +34,6 @@ class Reloader:
         self._running = False
         self._pending = False
         self._started = False
-        self._idle_waiters: List[defer.Deferred] = []
 
     # -- what the fleet asks for ----------------------------------------------------------
     def listener_fds(self, slot: int) -> Dict[int, int]:
@@ -97,9 +96,6 @@ class Reloader:
                     break
         finally:
             self._running = False
-            waiters, self._idle_waiters = self._idle_waiters, []
-            for waiter in waiters:
-                waiter.callback(None)
 
     @defer.inlineCallbacks
     def reload_once(self):
@@ -168,13 +164,6 @@ class Reloader:
             bound = self.bound[spec.id]
             port = bound.effective_port if bound.ok else 0
             yield self.db.runOperation(queries.SET_EFFECTIVE_PORT, (port, spec.id, port))
-
-    def wait_idle(self) -> defer.Deferred:
-        if not self._running:
-            return defer.succeed(None)
-        waiter = defer.Deferred()
-        self._idle_waiters.append(waiter)
-        return waiter
 
     def close(self) -> None:
         for bound in self.bound.values():

@@ -49,17 +49,15 @@ Decisions a caller or operator may want to know:
   closes right after sending looks like a half-close until the first answer is refused,
   so the request running then and the next one or two may still run.
 
-Graceful shutdown: every connected protocol is in `HTTP1Protocol.live` (a WeakSet),
-and in ``protocol.registry`` when the factory set one before the connection was made.
+Graceful shutdown: the listener's factory (connection.py) keeps every connection;
 `stop_accepting_keepalive()` lets the connection finish what it has received and
 close after the last response; `notify_closed()` tells when it is gone.
 """
 from __future__ import annotations
 
 import re
-import weakref
 from collections import deque
-from typing import Deque, List, MutableSet, Optional, Tuple
+from typing import Deque, List, Optional, Tuple
 
 import httptools
 from twisted.internet import defer, tcp
@@ -159,11 +157,6 @@ class HTTP1Protocol(Protocol):
     too; without it a client that half-closes after its request loses its answer.
     """
 
-    #: Every connected HTTP1Protocol of this process.
-    live: "weakref.WeakSet[HTTP1Protocol]" = weakref.WeakSet()
-    #: Optional per-factory set; set it on the instance before ``makeConnection``.
-    registry: Optional[MutableSet["HTTP1Protocol"]] = None
-
     def __init__(self, context: ListenerContext) -> None:
         settings = context.settings
         self._context = context
@@ -230,9 +223,6 @@ class HTTP1Protocol(Protocol):
 
     # -- connection life cycle -----------------------------------------------------------------
     def connectionMade(self) -> None:
-        self.live.add(self)
-        if self.registry is not None:
-            self.registry.add(self)
         transport = self.transport
         try:
             self._peer = format_peer(transport.getPeer())
@@ -255,9 +245,6 @@ class HTTP1Protocol(Protocol):
             if call is not None and call.active():
                 call.cancel()
         self._timer = self._linger_call = None
-        self.live.discard(self)
-        if self.registry is not None:
-            self.registry.discard(self)
         waiters, self._closed_waiters = self._closed_waiters, []
         for d in waiters:
             d.callback(None)
