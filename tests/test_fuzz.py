@@ -248,6 +248,9 @@ H2_CORPUS = [
     PREFACE + settings_frame([(5, 1)]),                                      # max frame size too small
     PREFACE + settings_frame([]) + frame(1, 0x5, 1, hpack.Encoder().encode(
         _REQUEST_HEADERS + [("content-length", "5")])) + frame(0, 1, 1, b"abc"),   # length mismatch
+    # HEADERS without END_STREAM, then a half-close: the body can never come (found by
+    # the fuzzer: the connection stayed open until the body timeout).
+    PREFACE + settings_frame([]) + frame(1, 0x4, 1, hpack.Encoder().encode(_REQUEST_HEADERS)),
     PREFACE[:10],
     PREFACE + b"\x00" * 9,
 ]

@@ -352,9 +352,17 @@ class HTTP2Protocol(Protocol):
         self._close_if_done()
 
     def readConnectionLost(self) -> None:
-        """The client half-closed: finish the streams we have, then close."""
+        """The client half-closed: finish the streams we have, then close.
+
+        A request still arriving can never complete now: its stream is reset and dropped
+        (it would otherwise hold the connection until the body timeout).
+        """
         self.closing = True
         self._goaway_last_stream_id = self.h2.highest_inbound_stream_id
+        for stream in [s for s in self.streams.values() if s.state == _Stream.RECEIVING]:
+            self._reset(stream.stream_id, ErrorCodes.CANCEL)
+            self._forget(stream)
+        self._flush()
         self._close_if_done()
 
     @property
