@@ -160,3 +160,19 @@ def connect(dsn, make_role):
 def db(connect):
     """An autocommit connection to a fresh database with the schema, as a superuser."""
     return connect()
+
+
+@pytest.fixture
+def warnings():
+    """The warning events logged during the test (twisted.logger)."""
+    from twisted.logger import globalLogPublisher
+
+    events = []
+
+    def observer(event):
+        if event.get("log_level") is not None and event["log_level"].name == "warn":
+            events.append(event)
+
+    globalLogPublisher.addObserver(observer)
+    yield events
+    globalLogPublisher.removeObserver(observer)

@@ -12,7 +12,6 @@ import socket
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, threads
-from twisted.logger import globalLogPublisher
 
 from h2_client import h2_exchange
 from omni_httpd.common import response
@@ -28,19 +27,6 @@ NOW = 1_700_000_000.0
 
 def row(status=200, names=None, values=None, body=None):
     return ("response", status, names, values, body, None, None)
-
-
-@pytest.fixture
-def warnings():
-    events = []
-
-    def observer(event):
-        if event.get("log_level") is not None and event["log_level"].name == "warn":
-            events.append(event)
-
-    globalLogPublisher.addObserver(observer)
-    yield events
-    globalLogPublisher.removeObserver(observer)
 
 
 # -- the rules ---------------------------------------------------------------------------

@@ -1,6 +1,5 @@
 """outcome.response_from_row: the handler-result row -> Response table of SPEC 4."""
 import pytest
-from twisted.logger import globalLogPublisher
 
 from omni_httpd.common import response
 from omni_httpd.common.outcome import ProxyOutcome, response_from_row
@@ -10,19 +9,6 @@ from omni_httpd.common.response import Response
 def row(kind="response", status=200, names=None, values=None, body=None, url=None,
         preserve_host=None):
     return (kind, status, names, values, body, url, preserve_host)
-
-
-@pytest.fixture
-def warnings():
-    events = []
-
-    def observer(event):
-        if event.get("log_level") is not None and event["log_level"].name == "warn":
-            events.append(event)
-
-    globalLogPublisher.addObserver(observer)
-    yield events
-    globalLogPublisher.removeObserver(observer)
 
 
 def test_no_rows_is_204_with_empty_body():
