@@ -900,7 +900,7 @@ def test_real_tcp_client_half_closes_after_request():
         yield protocol.ClientCreator(reactor, lambda: client).connectTCP("127.0.0.1", port.getHost().port)
         # both requests dispatched and the client's half-close seen by the server
         yield reactor_wait_until(lambda: len(dispatch.deferreds) == 2 and factory.connections
-                                 and not any(c._accepting for c in factory.connections),
+                                 and not any(c.accepting for c in factory.connections),
                                  timeout=10, what="two requests and the half-close")
         dispatch.deferreds[1].callback(Response(200, [], b"B"))
         dispatch.deferreds[0].callback(Response(200, [], b"A"))

@@ -90,6 +90,19 @@ LINGER_SECONDS = 2.0
 
 # Parser states of the message being received.
 _IDLE, _HEAD, _BODY = 0, 1, 2
+
+
+# Where the connection is in its life (HTTP1Protocol._conn): one value that only ever
+# moves forward (`_advance`), so every "may I still ..." is one comparison. Plain ints:
+# an enum's comparisons cost a microsecond per request here.
+_OPEN = 0        # new messages may begin
+_DRAINING = 1    # no new message may begin; the current one is still read
+_IGNORING = 2    # all further input is ignored; queued answers still go out
+_CLOSING = 3     # closing after the queued answers (or at once)
+_LINGERING = 4   # an error answer is out: unread input is discarded, then close
+_LOST = 5        # the transport is gone
+
+
 # Why reading is paused (bit flags).
 _PAUSE_PIPELINE, _PAUSE_BACKPRESSURE, _PAUSE_BYTES = 1, 2, 4
 
@@ -181,11 +194,7 @@ class HTTP1Protocol(Protocol):
         self._queue: Deque[_Pending] = deque()
         self._queued_bytes = 0          # request bodies held by the entries in _queue
         self._state = _IDLE
-        self._accepting = True          # may a new message begin?
-        self._parser_dead = False       # ignore all further input
-        self._closing = False
-        self._lost = False
-        self._lingering = False
+        self._conn = _OPEN         # the connection's state: only ever moves forward
         self._paused = 0                # why reading is paused (_PAUSE_* bits)
         self._transport_paused = False  # did we pause the transport (pauseProducing)?
         self._held = b""                # received, not parsed yet: waits for _resume_reading
@@ -221,6 +230,15 @@ class HTTP1Protocol(Protocol):
         self._host = b""
         self._answer: Optional[Response] = None     # answered here, never dispatched
 
+    def _advance(self, state: int) -> None:
+        if state > self._conn:
+            self._conn = state
+
+    @property
+    def accepting(self) -> bool:
+        """May a new request still begin on this connection?"""
+        return self._conn == _OPEN
+
     # -- connection life cycle -----------------------------------------------------------------
     def connectionMade(self) -> None:
         transport = self.transport
@@ -236,9 +254,7 @@ class HTTP1Protocol(Protocol):
         self._arm_timer(self._tick_every)
 
     def connectionLost(self, reason: Failure = None) -> None:
-        self._lost = True
-        self._closing = True
-        self._parser_dead = True
+        self._conn = _LOST
         self._held = b""
         self._drop_queue()
         for call in (self._timer, self._linger_call):
@@ -267,17 +283,17 @@ class HTTP1Protocol(Protocol):
 
     def readConnectionLost(self) -> None:
         """The peer will send nothing more (it half-closed): answer what came, then close."""
-        if self._held and not self._closing:
+        if self._held and self._conn < _CLOSING:
             self._eof_held = True   # requests it sent are still held: after them (_resume_reading)
             return
-        self._accepting = False
-        if self._lingering or self._closing:
+        self._advance(_DRAINING)
+        if self._conn >= _CLOSING:
             self.transport.loseConnection()
             return
         if self._state != _IDLE:
             # An incomplete request can never complete now.
             self._state = _IDLE
-            self._parser_dead = True
+            self._advance(_IGNORING)
         if not self._queue:
             self._close()
 
@@ -290,15 +306,15 @@ class HTTP1Protocol(Protocol):
         Idle connections close at once; a request whose first bytes have arrived is still
         read and answered (with ``connection: close``), bounded by the usual timeouts.
         """
-        if self._closing:
+        if self._conn >= _CLOSING:
             return
-        self._accepting = False
+        self._advance(_DRAINING)
         if not self._queue and self._state == _IDLE:
             self._close()
 
     def notify_closed(self) -> defer.Deferred:
         """A Deferred that fires (with None) once the connection is lost."""
-        if self._lost:
+        if self._conn == _LOST:
             return defer.succeed(None)
         d = defer.Deferred()
         self._closed_waiters.append(d)
@@ -306,7 +322,7 @@ class HTTP1Protocol(Protocol):
 
     # -- input -----------------------------------------------------------------------------------
     def dataReceived(self, data: bytes) -> None:
-        if self._parser_dead:
+        if self._conn >= _IGNORING:
             return
         if self._held:
             self._held += data      # earlier input still waits to be parsed: keep the order
@@ -327,14 +343,14 @@ class HTTP1Protocol(Protocol):
                     # llhttp stops after an Upgrade (or CONNECT) request's head; we serve
                     # it as an ordinary request and go on parsing HTTP/1.
                     data = data[exc.args[0]:]
-                    if self._parser_dead:
+                    if self._conn >= _IGNORING:
                         return
                     if self._upgrade_framing is not None:
                         self._read_upgrade_body()
                     if not data:
                         break
         except httptools.HttpParserError as exc:
-            if not self._parser_dead:
+            if self._conn < _IGNORING:
                 self._parse_error(exc)
             return
         except Exception:
@@ -357,7 +373,7 @@ class HTTP1Protocol(Protocol):
                 self._held = data[pos:]
                 return
             HTTP1Protocol.dataReceived(self, data[pos:pos + FEED_SLICE])
-            if self._parser_dead:
+            if self._conn >= _IGNORING:
                 return
             pos += FEED_SLICE
 
@@ -390,8 +406,8 @@ class HTTP1Protocol(Protocol):
             self._stash = (self._url, self._headers, self._head_size)
             self._url, self._headers = b"", []
             return
-        if not self._accepting:
-            self._parser_dead = True
+        if self._conn != _OPEN:
+            self._advance(_IGNORING)
             raise _Stop()
         self._reset_message()
         self._state = _HEAD
@@ -520,7 +536,7 @@ class HTTP1Protocol(Protocol):
         entry = _Pending(request, method, url, version, self._keep_alive, self._started)
         self._state = _IDLE
         if not entry.keep_alive:
-            self._accepting = False
+            self._advance(_DRAINING)
         queue = self._queue
         queue.append(entry)
         if len(queue) >= MAX_PIPELINE:
@@ -539,14 +555,14 @@ class HTTP1Protocol(Protocol):
 
     # -- output ----------------------------------------------------------------------------------
     def _on_dispatch_error(self, failure: Failure, entry: _Pending) -> None:
-        if self._closing and failure.check(defer.CancelledError):
+        if self._conn >= _CLOSING and failure.check(defer.CancelledError):
             return None     # cancelled by _drop_queue: the client is gone
         log.failure("request {method} {path} failed", failure,
                     method=entry.method, path=entry.request.path)
         self._on_response(internal_error(), entry)
 
     def _on_response(self, response: Response, entry: _Pending) -> None:
-        if self._closing:
+        if self._conn >= _CLOSING:
             return None     # connection lost or being closed: nobody to answer
         try:
             if not isinstance(response, Response):
@@ -581,7 +597,7 @@ class HTTP1Protocol(Protocol):
                     self._abort()
                 return
             close = (not entry.keep_alive
-                     or (not self._accepting and not queue and self._state == _IDLE))
+                     or (self._conn != _OPEN and not queue and self._state == _IDLE))
             data, status, sent, close = self._serialize(entry, response, close)
             out.append(data)
             self._log(entry, status, sent)
@@ -593,7 +609,7 @@ class HTTP1Protocol(Protocol):
             self._write(out)
         if not queue:
             if self._state == _IDLE:
-                if not self._accepting:
+                if self._conn != _OPEN:
                     self._close()
                     return
                 self._idle_since = self._clock.seconds()
@@ -653,10 +669,9 @@ class HTTP1Protocol(Protocol):
     # -- errors and closing --------------------------------------------------------------------------
     def _fail(self, status: int, message: str) -> None:
         """Answer with a server-generated error after what is pending, then close."""
-        if self._closing:
+        if self._conn >= _CLOSING:
             return
-        self._accepting = False
-        self._parser_dead = True
+        self._advance(_IGNORING)
         now = self._clock.seconds()
         partial = self._state != _IDLE
         self._state = _IDLE
@@ -670,11 +685,9 @@ class HTTP1Protocol(Protocol):
         self._flush()
 
     def _close(self, linger: bool = False) -> None:
-        if self._closing:
+        if self._conn >= _CLOSING:
             return
-        self._closing = True
-        self._accepting = False
-        self._parser_dead = True
+        self._advance(_CLOSING)
         transport = self.transport
         self._held = b""
         try:
@@ -682,7 +695,7 @@ class HTTP1Protocol(Protocol):
         except Exception:
             pass
         if linger and _plain_tcp(transport):
-            self._lingering = True
+            self._advance(_LINGERING)
             transport.loseWriteConnection()
             if self._transport_paused:
                 self._transport_paused = False
@@ -692,17 +705,15 @@ class HTTP1Protocol(Protocol):
             transport.loseConnection()
 
     def _abort(self) -> None:
-        if self._lost:
+        if self._conn == _LOST:
             return
-        self._closing = True
-        self._accepting = False
-        self._parser_dead = True
+        self._advance(_CLOSING)
         self._drop_queue()
         self.transport.abortConnection()
 
     # -- flow control ------------------------------------------------------------------------------
     def _pause_reading(self, reason: int) -> None:
-        if not self._transport_paused and not self._closing:
+        if not self._transport_paused and self._conn < _CLOSING:
             self._transport_paused = True
             self.transport.pauseProducing()
         self._paused |= reason
@@ -710,7 +721,7 @@ class HTTP1Protocol(Protocol):
     def _resume_reading(self, reason: int) -> None:
         if self._paused & reason:
             self._paused &= ~reason
-            if not self._paused and not self._closing:
+            if not self._paused and self._conn < _CLOSING:
                 # Time spent paused by us does not count against the client.
                 self._head_since = self._progress = self._clock.seconds()
                 if self._held:
@@ -718,7 +729,7 @@ class HTTP1Protocol(Protocol):
                     # re-entered from a parser callback: input is only held between reads.)
                     held, self._held = self._held, b""
                     self._feed_slices(held)
-                    if self._paused or self._closing:
+                    if self._paused or self._conn >= _CLOSING:
                         return
                 if self._eof_held:
                     self._eof_held = False
@@ -751,7 +762,7 @@ class HTTP1Protocol(Protocol):
         so it never has to be moved sooner.
         """
         self._timer = None
-        if self._closing:
+        if self._conn >= _CLOSING:
             return
         now = self._clock.seconds()
         deadline = None
