@@ -1,4 +1,4 @@
-"""From a handler's result row to a `Response`: the one place that applies SPEC 4.
+"""From a handler's result row to a `Response`: what an outcome means (docs/sql-api.md).
 
 `response_from_row` is pure: it turns an ``omni_httpd._handler_result`` row (or None for
 "no rows") into a `Response`, `response.ABORT`, or a `ProxyOutcome`. The worker's
@@ -37,7 +37,7 @@ def no_content() -> Response:
 
 
 def response_from_row(row: Optional[tuple], request_method: str = "GET") -> Outcome:
-    """Turn a handler result row into what goes back to the client (SPEC 4).
+    """Turn a handler result row into what goes back to the client (docs/sql-api.md).
 
     ``row`` is (kind, status, header_names, header_values, body, proxy_url,
     preserve_host) or None. ``request_method`` only makes log lines more useful: the

@@ -61,5 +61,5 @@ def error_response(status: int, message: str) -> Response:
 
 
 def internal_error() -> Response:
-    """SPEC 4: a failing handler answers 500 with this exact body."""
+    """A failing handler answers 500 with this exact body (docs/sql-api.md)."""
     return error_response(500, "Internal server error")

@@ -3,8 +3,8 @@
 One `HTTP1Protocol` per connection. The httptools (llhttp) parser calls back into the
 protocol; each complete message becomes one `Request` handed to ``dispatch``; responses
 go out strictly in request order, each (with any other responses ready at that moment)
-in a single transport write. See ../shared PERFORMANCE notes: a thin Protocol over the C
-parser and one write per response is most of the HTTP-side speed.
+in a single transport write: a thin Protocol over the C parser and one write per
+response is most of the HTTP-side speed (docs/performance.md).
 
 Decisions a caller or operator may want to know:
 
