@@ -1,4 +1,4 @@
-"""Attacks on the daemon's database privileges and on other roles' requests (SPEC 9).
+"""Attacks on the daemon's database privileges and on other roles' requests (docs/sql-api.md, "Security model").
 
 Each test plays an attacker as the issue that found the hole did: an HTTP client with
 no credentials, or a handler author whose role has no rights. One daemon with ONE

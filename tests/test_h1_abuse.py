@@ -147,7 +147,7 @@ def test_null_body_http2(daemon):
                             capture_output=True, timeout=30)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.decode().lower().splitlines()
-    # HTTP/2 delimits by ending the stream: no Content-Length for a NULL body (SPEC 4).
+    # HTTP/2 delimits by ending the stream: no Content-Length for a NULL body (docs/sql-api.md).
     assert lines[0].strip() == "http/2 200" and not any(l.startswith("content-length") for l in lines)
     # Several streams on one connection, one of them HEAD.
     answers = h2_exchange(port, [("GET", "/", b""), ("HEAD", "/", b""), ("GET", "/204", b"")], timeout=10)
