@@ -138,11 +138,14 @@ class DBThread:
 
     # -- life cycle (reactor thread) ------------------------------------------------
 
-    def start(self) -> Deferred:
+    def start(self, keep_trying: bool = False) -> Deferred:
         """Start the threads and connect; fires once the connection is ready.
 
-        Fails with `DatabaseUnavailable` (and stops again) if the first connection
-        cannot be made. The DB thread also stops before the reactor shuts down.
+        If the first connection cannot be made: with ``keep_trying`` it fires anyway and
+        goes on reconnecting with backoff (requests fail with `DatabaseUnavailable`
+        meanwhile, and a configuration applied meanwhile is installed on connecting);
+        otherwise it fails with `DatabaseUnavailable` and stops again. The DB thread also
+        stops before the reactor shuts down.
         """
         if self._state != "new":
             raise RuntimeError("DBThread.start() called twice")
@@ -158,7 +161,14 @@ class DBThread:
 
         def done(outcome):
             self._connecting = None
-            if isinstance(outcome, Failure):
+            if isinstance(outcome, Failure) and keep_trying and self._state == "running":
+                log.warn("cannot connect to the database ({error}); answering 503 and "
+                         "reconnecting", error=" ".join(outcome.getErrorMessage().split()))
+                self._reconnecting = True
+                self._delay = 0.0
+                self._try_reconnect()
+                result.callback(None)
+            elif isinstance(outcome, Failure):
                 self.stop().addBoth(lambda _: result.errback(outcome))
             else:
                 result.callback(None)

@@ -59,7 +59,9 @@ class Worker:
                                  application_name="omni_httpd worker %d" % self.slot)
         self.dbthread.on_busy_change(lambda busy: self.scoreboard.set_busy(self.slot, busy))
         try:
-            await self.dbthread.start()
+            # A worker (re)started while the database is away serves anyway: its requests
+            # get 503 at once instead of waiting in a socket no process reads.
+            await self.dbthread.start(keep_trying=True)
         except Exception as exc:
             log.error("cannot connect to the database: {error}", error=str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc))
             self.reactor.callLater(0, self._exit, 3)
