@@ -157,8 +157,29 @@ class MasterService(service.MultiService):
     async def _connect(self):
         from txpostgres import reconnection, txpostgres
 
-        detector = reconnection.DeadConnectionDetector()
-        connection = txpostgres.Connection(reactor=self.reactor, detector=detector)
+        class Connection(txpostgres.Connection):
+            """txpostgres, minus the traceback when the idle LISTEN connection dies.
+
+            psycopg2 raises from the reactor's read callback then; returning the error
+            instead makes Twisted close it the same way (and the detector reconnect),
+            with one log line for the operator instead of an "Unhandled Error".
+            """
+
+            def doRead(self):
+                try:
+                    return super().doRead()
+                except psycopg2.Error as exc:
+                    log.warn("the database connection for configuration changes was lost "
+                             "({error}); reconnecting", error=one_line(exc))
+                    # The error itself, so the detector recognises a dead connection.
+                    return exc
+
+        detector = reconnection.DeadConnectionDetector(
+            # Retry soon after an outage: 0.5 s, then at most every 2 s (txpostgres'
+            # default grows to 10 s, so changes could wait that long after the database
+            # came back).
+            reconnectionIterator=lambda: iter([0.5, 1.0] + [2.0] * 1000000))
+        connection = Connection(reactor=self.reactor, detector=detector)
         try:
             await connection.connect(self.dsn)
         except psycopg2.Error as exc:
