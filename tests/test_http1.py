@@ -690,6 +690,24 @@ def test_idle_keepalive_timeout_closes_silently():
     assert c.closed and c.transport.value() == b""
 
 
+def test_a_client_that_does_not_read_its_answers_is_dropped_after_the_idle_timeout():
+    c = Conn()                                   # idle_timeout=10
+    c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    c.proto.pauseProducing()                     # our write buffer is full: the client is not reading
+    c.clock.advance(9.9)
+    assert not c.closed
+    c.clock.advance(0.2)
+    assert c.closed
+    # A client that reads again in time is kept.
+    d = Conn()
+    d.proto.pauseProducing()
+    d.clock.advance(9)
+    d.proto.resumeProducing()
+    d.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    d.clock.advance(2)
+    assert not d.closed and [r.status for r in d.responses()] == [200]
+
+
 def test_new_connection_without_request_idles_out():
     c = Conn()
     c.clock.advance(10)

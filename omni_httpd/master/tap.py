@@ -256,7 +256,8 @@ PARAMETERS: Dict[str, Tuple[str, Callable[[str], Any], str]] = {
     "body-timeout": ("body_timeout", _seconds,
                      "Seconds a request body may stall. Default: %g." % _DEFAULTS.body_timeout),
     "idle-timeout": ("idle_timeout", _seconds,
-                     "Seconds an idle keep-alive connection stays open. Default: %g."
+                     "Seconds an idle keep-alive connection stays open (and an HTTP/1 client may "
+                     "leave our answers unread). Default: %g."
                      % _DEFAULTS.idle_timeout),
     "shutdown-grace": ("shutdown_grace", _seconds,
                        "Seconds in-flight requests may run after SIGTERM. Default: %g."

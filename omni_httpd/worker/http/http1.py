@@ -196,6 +196,7 @@ class HTTP1Protocol(Protocol):
         self._state = _IDLE
         self._conn = _OPEN         # the connection's state: only ever moves forward
         self._paused = 0                # why reading is paused (_PAUSE_* bits)
+        self._stalled_since = 0.0       # when the client stopped reading our answers
         self._transport_paused = False  # did we pause the transport (pauseProducing)?
         self._held = b""                # received, not parsed yet: waits for _resume_reading
         self._eof_held = False          # the peer half-closed after the held input
@@ -741,6 +742,8 @@ class HTTP1Protocol(Protocol):
 
     # IPushProducer, for the transport: its write buffer is full / has drained.
     def pauseProducing(self) -> None:
+        if not self._paused & _PAUSE_BACKPRESSURE:
+            self._stalled_since = self._clock.seconds()
         self._pause_reading(_PAUSE_BACKPRESSURE)
 
     def resumeProducing(self) -> None:
@@ -767,7 +770,15 @@ class HTTP1Protocol(Protocol):
         now = self._clock.seconds()
         deadline = None
         state = self._state
-        if self._paused:
+        if self._paused & _PAUSE_BACKPRESSURE:
+            # The client does not read our answers: after the idle timeout it is dropped
+            # (what we hold for it cannot be delivered anyway).
+            if self._idle_timeout > 0:
+                deadline = self._stalled_since + self._idle_timeout
+                if now >= deadline:
+                    self._abort()
+                    return
+        elif self._paused:
             pass
         elif state == _HEAD:
             if self._header_timeout > 0:
