@@ -122,6 +122,25 @@ async def test_many_requests_in_flight_on_one_connection(sibling):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_cancelled_request_is_cancelled_on_the_sibling_and_the_channel_survives(sibling):
+    executor = Executor(hold=True)
+    _server, client = sibling(executor)
+    first = client.run(make_request(path="/gone"))
+    await within(_poll(lambda: len(executor.requests) == 1))
+    first.addErrback(lambda f: None)      # the caller expects CancelledError
+    first.cancel()
+    # The sibling hears of it: its executor's Deferred (queued work) is cancelled (and
+    # fired by that: a DB thread job never starts then).
+    await within(_poll(lambda: executor.deferreds[0].called))
+    assert client.in_flight == 0
+    # The same connection still carries requests.
+    second = client.run(make_request(path="/next"))
+    await within(_poll(lambda: len(executor.requests) == 2))
+    executor.deferreds[1].callback(Response(200, [], b"still here"))
+    assert (await within(second)).body == b"still here"
+
+
+@pytest_twisted.ensureDeferred
 async def test_executor_failure_fails_only_that_request(sibling):
     _server, client = sibling(Executor())
     with pytest.raises(SiblingError, match="executor broke"):

@@ -69,6 +69,8 @@ class Dispatcher:
         d = client.run(request)
 
         def failed(failure) -> Response:
+            if failure.check(defer.CancelledError):
+                return failure      # the client went away: the channel is fine
             log.warn("request {method} {path} re-sent to worker {slot} failed: {error}",
                      method=request.method, path=request.path, slot=slot, error=failure.getErrorMessage())
             if self._clients.get(slot) is client:

@@ -10,7 +10,9 @@ Wire format: frames of a 13-byte header, JSON metadata, raw body bytes::
     !B kind   !I request id   !I metadata length   !I body length
     <metadata: UTF-8 JSON object> <body>
 
-kinds: 1 request, 2 response, 3 error (metadata ``{"error": text}``). Lengths are
+kinds: 1 request, 2 response, 3 error (metadata ``{"error": text}``), 4 cancel (client
+to server, empty: the client went away; a request still queued there is not run, a
+running one finishes and its answer is dropped). Lengths are
 checked against limits before anything is buffered beyond the header; a frame over the
 limit (or unparsable) closes the connection, failing whatever was in flight.
 """
@@ -32,7 +34,7 @@ from omni_httpd.common.response import Response
 log = Logger()
 
 HEADER = struct.Struct("!BIII")
-REQUEST, RESPONSE, ERROR = 1, 2, 3
+REQUEST, RESPONSE, ERROR, CANCEL = 1, 2, 3, 4
 #: Metadata (method, path, headers, ...) is small; this bounds a corrupt length.
 MAX_META = 4 * 1024 * 1024
 #: PostgreSQL's own bytea limit; pass ``max_body=settings.max_body`` to the server.
@@ -145,6 +147,7 @@ class _ServerProtocol(_FrameProtocol):
         self.server = server
         self.max_body = server.max_body
         self.connected_ = True
+        self._running: Dict[int, defer.Deferred] = {}   # request id -> executor Deferred
 
     def connectionMade(self) -> None:
         self.server.connections.add(self)
@@ -152,20 +155,35 @@ class _ServerProtocol(_FrameProtocol):
     def connectionLost(self, reason=None) -> None:
         self.connected_ = False
         self.server.connections.discard(self)
+        # The sending worker is gone: nobody waits for what is still queued here.
+        running, self._running = self._running, {}
+        for d in running.values():
+            d.cancel()
 
     def frame_received(self, kind: int, request_id: int, meta: dict, body: bytes) -> None:
+        if kind == CANCEL:
+            d = self._running.pop(request_id, None)
+            if d is not None:
+                d.cancel()
+            return
         if kind != REQUEST:
-            raise ValueError("a sibling server only accepts requests")
+            raise ValueError("a sibling server only accepts requests and cancels")
         request = decode_request(meta, body)
         d = defer.maybeDeferred(self.server.execute, request)
+        if not d.called:
+            self._running[request_id] = d
         d.addCallbacks(self._answer, self._failed, callbackArgs=(request_id,),
                        errbackArgs=(request_id,))
 
     def _answer(self, response: Response, request_id: int) -> None:
+        self._running.pop(request_id, None)
         if self.connected_:
             self.send(encode_response(request_id, response))
 
     def _failed(self, failure: Failure, request_id: int) -> None:
+        self._running.pop(request_id, None)
+        if failure.check(defer.CancelledError):
+            return None     # cancelled by the client: it does not wait for an answer
         log.failure("running a request for a sibling worker failed", failure=failure)
         if self.connected_:
             self.send(_frame(ERROR, request_id, {"error": failure.getErrorMessage()}, b""))
@@ -254,9 +272,9 @@ class SiblingClient:
         if self._closed:
             return defer.fail(SiblingError("sibling client for %s is closed" % self.path))
         request_id = next(self._ids) & 0xFFFFFFFF
-        d: defer.Deferred = defer.Deferred()
-        self._pending[request_id] = d
         frame = encode_request(request_id, request)
+        d: defer.Deferred = defer.Deferred(lambda _: self._cancel(request_id, frame))
+        self._pending[request_id] = d
         if self._protocol is not None:
             self._protocol.send(frame)
         else:
@@ -266,6 +284,14 @@ class SiblingClient:
                 self.reactor.connectUNIX(self.path, _ConnectFactory(self),
                                          timeout=self.connect_timeout)
         return d
+
+    def _cancel(self, request_id: int, frame: List[bytes]) -> None:
+        """The caller cancelled: tell the sibling (or never send it), forget the answer."""
+        self._pending.pop(request_id, None)
+        if self._protocol is not None:
+            self._protocol.send(_frame(CANCEL, request_id, {}, b""))
+        elif frame in self._waiting:
+            self._waiting.remove(frame)
 
     @property
     def in_flight(self) -> int:

@@ -896,8 +896,8 @@ def _abandon(stream: _Stream) -> None:
     other request on it), so the Deferred is paused first and its chain never runs.
     cancel() still marks it called, which is what makes the DB thread skip a queued job,
     and makes the Deferred swallow the result of a job that was already running.
-    A request re-sent to a sibling worker is not stopped there (siblings.py has no
-    cancel message); only its answer is dropped.
+    A request re-sent to a sibling worker is cancelled there the same way (siblings.py's
+    cancel frame).
     """
     d = stream.pending
     if d is not None:
