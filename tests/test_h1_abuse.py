@@ -7,13 +7,11 @@ reach a handler. Raw sockets, so the bytes on the wire are exactly what the test
 """
 from __future__ import annotations
 
-import os
 import re
 import socket
 import subprocess
 import threading
-import time
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import pytest
 

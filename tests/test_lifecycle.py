@@ -9,7 +9,6 @@ import subprocess
 import tempfile
 import threading
 
-import pytest
 
 from daemon_support import (ROOT, Daemon, add_listener, effective_port, running_handlers, set_handler, sql,
                             twistd_argv, wait_reloads, wait_until)

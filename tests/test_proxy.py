@@ -8,7 +8,6 @@ import pytest
 import pytest_twisted
 import treq
 from twisted.internet import protocol, reactor, threads
-from twisted.internet.defer import Deferred
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 

@@ -13,7 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from twisted.internet import defer, reactor, ssl
+from twisted.internet import reactor, ssl
 from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
 
