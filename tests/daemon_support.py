@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -110,6 +111,21 @@ def sql(dsn: str, statement: str, params=None, fetch: bool = False):
             return cursor.fetchall() if cursor.description else None
     finally:
         connection.close()
+
+
+def send_and_read(port: int, data: bytes, host: str = "127.0.0.1", timeout: float = 10.0) -> bytes:
+    """Blocking: send ``data`` on a new connection, read until the server closes it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect((host, port))
+        sock.sendall(data)
+        chunks = []
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
 
 
 def running_handlers(dsn: str) -> int:

@@ -10,7 +10,6 @@ import html
 import json
 import os
 import re
-import socket
 import time
 
 import psycopg2
@@ -26,7 +25,7 @@ from omni_httpd.console.app import AdminConsole
 from omni_httpd.console.auth import COOKIE_NAME
 from omni_httpd.master.queries import NOTIFY_CHANNEL
 from omni_httpd.common.settings import Settings
-from daemon_support import sql
+from daemon_support import send_and_read, sql
 
 PASSWORD = "correct horse battery staple"
 
@@ -321,14 +320,7 @@ async def test_admin_host_names_are_served(dsn):
 
 
 def _raw(port, data):
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(data)
-        chunks = []
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return b"".join(chunks)
-            chunks.append(chunk)
+    return send_and_read(port, data)
 
 
 @pytest_twisted.ensureDeferred

@@ -10,20 +10,13 @@ import tempfile
 import threading
 
 
-from daemon_support import (ROOT, Daemon, add_listener, effective_port, running_handlers, set_handler, sql,
+from daemon_support import (ROOT, Daemon, add_listener, effective_port, running_handlers, send_and_read, set_handler, sql,
                             twistd_argv, wait_reloads, wait_until)
 
 
 def get(port, path="/", timeout=30.0, keep_alive_socket=None) -> bytes:
     request = b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % path.encode()
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(request)
-        chunks = []
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return b"".join(chunks)
-            chunks.append(chunk)
+    return send_and_read(port, request, timeout=timeout)
 
 
 def test_embedded_database_created_reused_and_stopped():

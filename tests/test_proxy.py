@@ -2,7 +2,6 @@
 127.0.0.1), then the real daemon (twistd, workers, admin console) against upstreams that
 live in this process."""
 import contextlib
-import socket
 
 import pytest
 import pytest_twisted
@@ -15,7 +14,7 @@ from omni_httpd.worker import proxy
 from omni_httpd.common.request import Request
 from omni_httpd.common.settings import Settings
 from conftest import _drop_database, create_database, dsn_for
-from daemon_support import Daemon, add_listener, effective_port, sql, wait_reloads
+from daemon_support import Daemon, add_listener, effective_port, send_and_read, sql, wait_reloads
 
 
 class Upstream(Resource):
@@ -346,17 +345,7 @@ def trusting_daemon(pg_cluster, tmp_path_factory):
 def raw_exchange(host, port, data: bytes, timeout=20.0) -> bytes:
     """Blocking: send ``data``, read until the server closes. Run it in a thread (the
     upstream lives on this process's reactor)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect((host, port))
-        sock.sendall(data)
-        chunks = []
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return b"".join(chunks)
-            chunks.append(chunk)
+    return send_and_read(port, data, host=host, timeout=timeout)
 
 
 def response_headers(reply: bytes):
