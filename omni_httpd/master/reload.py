@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from omni_httpd.master import config as configuration
 from omni_httpd.master import listeners
 from omni_httpd.master import queries
+from omni_httpd.master import static_config
 from omni_httpd.master.config import Configuration
 
 log = Logger()
@@ -28,6 +29,7 @@ class Reloader:
         self.slots = slots
         self.fleet = None
         self.config = Configuration([])
+        self.static_files: List[dict] = []     # static_config.checked entries
         self.bound: Dict[int, listeners.BoundListener] = {}
         self.generation = 0
         self.last_reload = None
@@ -56,7 +58,8 @@ class Reloader:
                 fds.append(bound.sockets[worker.slot].fileno())
             entries.append(entry)
             bind_ids.append(bound.bind_id)
-        message = dict(type="config", generation=self.generation, listeners=entries)
+        message = dict(type="config", generation=self.generation, listeners=entries,
+                       static_files=self.static_files)
         return message, fds, bind_ids
 
     # -- reloading ----------------------------------------------------------------------
@@ -64,6 +67,7 @@ class Reloader:
     def load(self):
         """Read the configuration and bind what changed; no push (used at start-up)."""
         new = yield configuration.load(self.db)
+        self.static_files = yield static_config.load(self.db, self.settings.static_roots)
         self._rebind(new)
         yield self._write_effective_ports()
 
