@@ -264,12 +264,11 @@ def _byte_range(header: str, size: int):
             return "unsatisfiable"
         return max(0, size - suffix), size - 1
     start = int(first)
-    end = int(last) if last else size - 1
-    if end < start:
-        return None
+    if last and int(last) < start:
+        return None         # invalid: ignored (RFC 9110 14.1.1)
     if start >= size:
         return "unsatisfiable"
-    return start, min(end, size - 1)
+    return start, min(int(last), size - 1) if last else size - 1
 
 
 class StaticFiles:
