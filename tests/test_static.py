@@ -569,3 +569,14 @@ def test_http2_file_body_follows_flow_control(tmp_path):
     client.h2.reset_stream(stream_id)
     client.pump()
     assert opened[1].fd == -1
+
+
+def test_http1_pipelined_answers_wait_for_a_streamed_file(site):
+    answer = send_and_read(site.port, b"GET /static/medium.bin HTTP/1.1\r\nHost: x\r\n\r\n"
+                                      b"GET /elsewhere HTTP/1.1\r\nHost: x\r\n\r\n"
+                                      b"GET /static/style.css HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    first, _, rest = answer.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 200") and rest[:len(MEDIUM)] == MEDIUM
+    rest = rest[len(MEDIUM):]
+    assert rest.startswith(b"HTTP/1.1 200") and b"handler /elsewhere" in rest
+    assert rest.endswith(STYLE) and rest.index(b"handler /elsewhere") < rest.rindex(b"HTTP/1.1 200")
