@@ -254,6 +254,7 @@ class NginxServer(Server):
             with open(os.path.join(www, name), "wb") as handle:
                 handle.write(data)
             os.chmod(os.path.join(www, name), 0o644)
+        write_static_root(os.path.join(www, "static"))
         temp = "\n".join("  %s_temp_path %s/%s;" % (kind, root, kind)
                          for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
         conf = """worker_processes 2;
@@ -273,6 +274,8 @@ http {{
     location = /big {{ default_type "text/plain; charset=utf-8"; alias {www}/w3; }}
     # the static module answers POST with 405: turn that into an internal GET of the file
     location = /echo {{ default_type application/json; alias {www}/w2; error_page 405 =200 $uri; }}
+    # W4: the static module, as the daemon's static files (ETag, Last-Modified, ranges)
+    location /static/ {{ alias {www}/static/; types {{ text/css css; }} charset utf-8; charset_types text/css; }}
   }}
 }}
 """.format(root=root, www=www, temp=temp, h1=self.h1_port, h2=self.h2_port)
@@ -287,6 +290,19 @@ http {{
 
     def port(self, protocol: str, workload: Workload) -> int:
         return self.h2_port if protocol == "h2c" else self.h1_port
+
+
+def write_static_root(directory: str) -> str:
+    """The W4 file in ``directory`` (readable by any account: nginx's and the daemon's
+    workers may run as another)."""
+    from workloads import W4_NAME, w4_file
+    os.makedirs(directory, exist_ok=True)
+    os.chmod(directory, 0o755)
+    path = os.path.join(directory, W4_NAME)
+    with open(path, "wb") as handle:
+        handle.write(w4_file())
+    os.chmod(path, 0o644)
+    return directory
 
 
 class DaemonServer(Server):
@@ -310,7 +326,8 @@ class DaemonServer(Server):
         argv = [twistd, "-n", "--pidfile", os.path.join(self.ctx.workdir, "twistd.pid"), "omni_httpd",
                 "--dsn", self.ctx.dsn, "--http-workers", str(self.workers), "--no-init", "--admin", "none",
                 # like the peers (uvicorn --no-access-log, nginx access_log off)
-                "--no-access-log"]
+                "--no-access-log",
+                "--static-root", "bench=" + write_static_root(os.path.join(self.ctx.workdir, "static"))]
         # the same omni_httpd (and its twisted/plugins) as this process, installed or not
         import omni_httpd
         root = os.path.dirname(os.path.dirname(os.path.abspath(omni_httpd.__file__)))
@@ -353,6 +370,9 @@ class DaemonServer(Server):
             with conn.cursor() as cur:
                 for workload in self.workloads:
                     self.listener_ids[workload.name] = self._add_listener(cur, workload.handler)
+                    if workload.static_file is not None:
+                        cur.execute("INSERT INTO omni_httpd.static_files (listener_id, url_prefix, root) "
+                                    "VALUES (%s, '/static', 'bench')", (self.listener_ids[workload.name],))
                 self.listener_ids["reload"] = self._add_listener(
                     cur, "SELECT omni_httpd.http_response('reload 0') FROM request")
                 cur.execute("SELECT handler_id FROM omni_httpd.listeners_handlers WHERE listener_id = %s",
