@@ -580,3 +580,19 @@ def test_http1_pipelined_answers_wait_for_a_streamed_file(site):
     rest = rest[len(MEDIUM):]
     assert rest.startswith(b"HTTP/1.1 200") and b"handler /elsewhere" in rest
     assert rest.endswith(STYLE) and rest.index(b"handler /elsewhere") < rest.rindex(b"HTTP/1.1 200")
+
+
+def test_open_refuses_what_was_swapped_in_after_the_check(tmp_path):
+    checked, swapped, fifo = tmp_path / "checked", tmp_path / "swapped", tmp_path / "fifo"
+    checked.write_bytes(b"checked")
+    swapped.write_bytes(b"swapped")
+    os.mkfifo(fifo)
+    expected = os.stat(checked)
+    fd = static_files._open_checked(os.fsencode(checked), expected)
+    assert fd is not None
+    os.close(fd)
+    os.replace(swapped, checked)           # another inode at the checked path
+    assert static_files._open_checked(os.fsencode(checked), expected) is None
+    # A FIFO put in its place neither blocks the worker nor is read.
+    os.replace(fifo, checked)
+    assert static_files._open_checked(os.fsencode(checked), expected) is None

@@ -14,9 +14,9 @@ What a request under a prefix gets (docs/sql-api.md, "Static files", says why):
   system call. The decoded path is resolved with ``realpath`` and must lie inside the
   root's own ``realpath``; a symlink whose target leaves the root is ``404``, as is
   anything missing and anything that is not a regular file or directory (devices, FIFOs,
-  sockets). The file is opened ``O_NOFOLLOW | O_NONBLOCK``, must be the very inode that
-  was checked, and (on Linux) what the descriptor really names (``/proc/self/fd``) is
-  checked against the root again, so a symlink swapped in between is caught.
+  sockets). The file is opened ``O_NOFOLLOW | O_NONBLOCK`` (a FIFO swapped in cannot
+  block the worker) and must be the very inode (device and inode number) that was
+  checked inside the root, so a symlink swapped in between check and open is refused.
 - A directory: without a trailing ``/`` a ``301`` to the path with one; then its index
   file (the row's ``index_file``), else an HTML listing when the row allows it, else
   ``404``.
@@ -69,7 +69,6 @@ ROOT_TTL = 1.0
 
 _ALLOW = "GET, HEAD"
 _O_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-_PROC_FD = "/proc/self/fd/%d"
 
 _UTF8 = "; charset=utf-8"
 #: Content types by extension (lower case). Fixed here so that the answer does not
@@ -443,7 +442,7 @@ class StaticFiles:
                 headers.append(("content-range", "bytes %d-%d/%d" % (chosen[0], chosen[1], size)))
         if request.method == "HEAD":
             return Response(status, headers, file=_Length(length))
-        fd = _open_checked(real, st, root)
+        fd = _open_checked(real, st)
         if fd is None:
             return _not_found()
         if length <= INLINE_LIMIT:
@@ -514,7 +513,7 @@ def _if_range_holds(if_range: Optional[str], etag: str, mtime: int) -> bool:
 def _lookup(directory: bytes, name: bytes, root: bytes) -> Optional[Tuple[bytes, os.stat_result]]:
     """(real path, stat) of ``name`` in ``directory`` (itself real and inside ``root``),
     following a symlink only when where it leads is inside ``root``; None if missing."""
-    path = os.path.join(directory, name)
+    path = (directory if directory.endswith(b"/") else directory + b"/") + name
     try:
         st = os.lstat(path)
         if stat.S_ISLNK(st.st_mode):
@@ -527,24 +526,19 @@ def _lookup(directory: bytes, name: bytes, root: bytes) -> Optional[Tuple[bytes,
     return path, st
 
 
-def _open_checked(path: bytes, expected: os.stat_result, root: bytes) -> Optional[int]:
-    """Open ``path`` for reading if it is still the regular file that was checked, inside
-    ``root``; a descriptor, or None."""
+def _open_checked(path: bytes, expected: os.stat_result) -> Optional[int]:
+    """Open ``path`` for reading if it is still the regular file ``expected`` describes
+    (checked inside the root); a descriptor, or None."""
     try:
         fd = os.open(path, _O_FLAGS)
     except OSError:
         return None
     try:
         st = os.fstat(fd)
+        # The inode that was checked inside the root, or nothing: whatever was swapped in
+        # between (a symlink, another file) is refused.
         if (not stat.S_ISREG(st.st_mode) or st.st_ino != expected.st_ino
                 or st.st_dev != expected.st_dev):
-            os.close(fd)
-            return None
-        try:
-            opened = os.fsencode(os.readlink(_PROC_FD % fd))
-        except OSError:
-            opened = None       # no /proc: the inode check above has to do
-        if opened is not None and not _inside(opened, root):
             os.close(fd)
             return None
     except Exception:
