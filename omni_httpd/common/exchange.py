@@ -19,6 +19,9 @@ out is decided here, the same way for both:
   address in brackets), and the access-log line itself (namespace
   ``omni_httpd.access``);
 - writing the bytes: straight to the socket when nothing is buffered (`send_now`).
+- a file body (``Response.file``, static files): its ``length`` is the Content-Length;
+  for HEAD, 204 and 304 it is closed here, otherwise `Outgoing.file` tells the protocol
+  to stream it after the head.
 
 It is pure (no I/O but the log): the worker's protocols frame what it returns, the
 console's try-a-request shows it.
