@@ -596,3 +596,14 @@ def test_open_refuses_what_was_swapped_in_after_the_check(tmp_path):
     # A FIFO put in its place neither blocks the worker nor is read.
     os.replace(fifo, checked)
     assert static_files._open_checked(os.fsencode(checked), expected) is None
+
+
+def test_a_directory_redirect_never_names_another_host(tmp_path):
+    from omni_httpd.common.request import Request
+    (tmp_path / "evil.example").mkdir()
+    files = static_files.StaticFiles({"r": str(tmp_path)})
+    files.configure([dict(listener_id=1, url_prefix="/", root="r", index_file=None, listing=False,
+                          cache_control=None)])
+    request = Request("GET", "//evil.example", None, [], b"", 1)
+    response = files.serve(files.mount_for(1, request.path), request)
+    assert response.status == 301 and dict(response.headers)["location"] == "/evil.example/"

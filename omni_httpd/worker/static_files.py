@@ -351,7 +351,9 @@ class StaticFiles:
                 return _not_found()
         if stat.S_ISDIR(st.st_mode):
             if not slash:
-                location = path + "/" + ("?" + request.query_string if request.query_string is not None else "")
+                # One leading "/": "//name/" would be a protocol-relative URL (another host).
+                location = ("/" + path.lstrip("/") + "/"
+                            + ("?" + request.query_string if request.query_string is not None else ""))
                 return Response(301, [("location", location), ("content-type", "text/plain; charset=utf-8")],
                                 b"Moved Permanently")
             if mount.index_file:
