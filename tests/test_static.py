@@ -607,3 +607,55 @@ def test_a_directory_redirect_never_names_another_host(tmp_path):
     request = Request("GET", "//evil.example", None, [], b"", 1)
     response = files.serve(files.mount_for(1, request.path), request)
     assert response.status == 301 and dict(response.headers)["location"] == "/evil.example/"
+
+
+def test_http1_file_body_follows_transport_back_pressure(tmp_path):
+    """The file goes out while the transport takes it; a full write buffer pauses it, its
+    draining resumes it; the next pipelined answer follows the file; a lost connection
+    closes the file."""
+    from twisted.internet.testing import StringTransport
+    from omni_httpd.common.response import Response
+    from test_http1 import Conn, FakeDispatch
+
+    class Buffering(StringTransport):
+        """Pauses its producer once more than 128 KiB wait, as Twisted's TCP transport does."""
+
+        def write(self, data):
+            super().write(data)
+            if len(self.io.getvalue()) > 128 * 1024 and self.producer is not None:
+                self.producer.pauseProducing()
+
+    path = tmp_path / "f.bin"
+    path.write_bytes(MEDIUM)
+    opened = []
+
+    def answer(request):
+        if request.path == "/small":
+            return Response(200, [], b"small")
+        body = static_files.FileBody(os.open(path, os.O_RDONLY), 0, len(MEDIUM))
+        opened.append(body)
+        return Response(200, [], file=body)
+
+    conn = Conn(FakeDispatch(answer), transport=Buffering())
+    conn.send(b"GET /file HTTP/1.1\r\nHost: x\r\n\r\nGET /small HTTP/1.1\r\nHost: x\r\n\r\n")
+    received = bytearray()
+    rounds = 0
+    while b"small" not in received[-10:]:
+        chunk = conn.transport.value()
+        assert chunk, "the stream stalled"
+        assert len(chunk) < 128 * 1024 + 2 * static_files.CHUNK + 1024     # bounded per round
+        received += chunk
+        conn.transport.clear()
+        conn.proto.resumeProducing()
+        rounds += 1
+    assert rounds > len(MEDIUM) // (256 * 1024)
+    head, _, rest = bytes(received).partition(b"\r\n\r\n")
+    assert b"content-length: %d" % len(MEDIUM) in head and rest[:len(MEDIUM)] == MEDIUM
+    assert rest[len(MEDIUM):].startswith(b"HTTP/1.1 200") and rest.endswith(b"small")
+    assert opened[0].fd == -1
+    # Lost mid-file: the file is closed.
+    conn = Conn(FakeDispatch(answer), transport=Buffering())
+    conn.send(b"GET /file HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert opened[1].fd >= 0 and opened[1].remaining > 0
+    conn.proto.connectionLost(None)
+    assert opened[1].fd == -1
