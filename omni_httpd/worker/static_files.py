@@ -273,11 +273,11 @@ def _byte_range(header: str, size: int):
 class StaticFiles:
     """The static mounts of this worker's listeners, and the code that serves them."""
 
-    def __init__(self, roots: Dict[str, str], clock=None) -> None:
+    def __init__(self, roots: Dict[str, str]) -> None:
+        """``roots``: the ``--static-root`` names and directories (Settings.static_roots)."""
         self.roots = {name: os.fsencode(path) for name, path in roots.items()}
         self._mounts: Dict[int, List[Mount]] = {}
         self._real_roots: Dict[bytes, Tuple[float, bytes]] = {}
-        self._clock = clock
 
     # -- configuration ---------------------------------------------------------------
     def configure(self, entries: List[dict]) -> None:
