@@ -73,7 +73,8 @@ class Worker:
                                      self.run_dir, settings.http_workers)
         from omni_httpd.worker.static_files import StaticFiles
         self.static_files = StaticFiles(settings.static_roots)
-        self.dispatch = self.static_files.wrap(self.dispatcher.dispatch)
+        self.dispatch = self.static_files.wrap(
+            self.dispatcher.dispatch, lambda: self.scoreboard.count_request(self.slot))
         path = sibling_socket_path(self.run_dir, self.slot)
         if os.path.exists(path):
             os.unlink(path)

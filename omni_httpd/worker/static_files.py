@@ -304,12 +304,17 @@ class StaticFiles:
                 return mount
         return None
 
-    def wrap(self, dispatch: Callable[..., defer.Deferred]) -> Callable[..., defer.Deferred]:
-        """``dispatch`` with static mounts checked first (the listener's context uses it)."""
+    def wrap(self, dispatch: Callable[..., defer.Deferred],
+             count: Optional[Callable[[], None]] = None) -> Callable[..., defer.Deferred]:
+        """``dispatch`` with static mounts checked first (the listener's context uses it);
+        ``count()`` is called for each request served here (the scoreboard's counter, as
+        the dispatcher counts the others)."""
         def dispatch_static(request: Request, allow_remote: bool = False) -> defer.Deferred:
             if self._mounts:
                 mount = self.mount_for(request.listener_id, request.path)
                 if mount is not None:
+                    if count is not None:
+                        count()
                     try:
                         return defer.succeed(self.serve(mount, request))
                     except Exception:
