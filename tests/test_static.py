@@ -659,3 +659,26 @@ def test_http1_file_body_follows_transport_back_pressure(tmp_path):
     assert opened[1].fd >= 0 and opened[1].remaining > 0
     conn.proto.connectionLost(None)
     assert opened[1].fd == -1
+
+
+@pytest.mark.parametrize("statement", [
+    "INSERT INTO omni_httpd.static_files (listener_id, url_prefix, root) SELECT id, '/b', 'r' FROM omni_httpd.listeners",
+    "UPDATE omni_httpd.static_files SET listing = true",
+    "DELETE FROM omni_httpd.static_files",
+    "TRUNCATE omni_httpd.static_files",
+], ids=["insert", "update", "delete", "truncate"])
+def test_static_files_changes_request_a_reload(db, connect, statement):
+    from sql_support import execute, notifications, one
+    listener = connect()
+    execute(listener, "LISTEN omni_httpd_reload")
+    execute(db, "INSERT INTO omni_httpd.listeners DEFAULT VALUES")
+    execute(db, "INSERT INTO omni_httpd.static_files (listener_id, url_prefix, root) "
+                "SELECT id, '/a', 'r' FROM omni_httpd.listeners")
+    execute(db, "SELECT pg_notify('omni_httpd_reload', 'ready')")
+    notifications(listener, "ready")
+    execute(db, statement)
+    execute(db, "SELECT pg_notify('omni_httpd_reload', 'marker')")
+    assert notifications(listener, "marker") == ["", "marker"]
+    # Deleting the listener takes its mounts with it.
+    execute(db, "DELETE FROM omni_httpd.listeners")
+    assert one(db, "SELECT count(*) FROM omni_httpd.static_files") == 0
