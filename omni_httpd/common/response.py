@@ -21,9 +21,10 @@ class Response:
     ``abort`` True means: close the connection (HTTP/1) or reset the stream (HTTP/2)
     without a response.
     ``file``, when set (static files, worker/static_files.py), is the body instead of
-    ``body``: an object with ``length`` (bytes it will give), ``read(n) -> bytes``
-    (``b""`` at the end) and ``close()``; the protocols stream it under back-pressure
-    and close it when done or when the client goes away.
+    ``body``: an object with ``length`` (bytes it will give), ``remaining`` (bytes not
+    read yet), ``read(n) -> bytes`` (``b""`` at the end; OSError when it cannot give
+    what it announced) and ``close()``; the protocols stream it under back-pressure and
+    close it when done or when the client goes away.
     """
 
     status: int = 200

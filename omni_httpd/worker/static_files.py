@@ -159,6 +159,7 @@ class _Length:
 
     def __init__(self, length: int) -> None:
         self.length = length
+        self.remaining = 0
 
     def read(self, size: int = CHUNK) -> bytes:
         return b""

@@ -709,9 +709,7 @@ class HTTP1Protocol(Protocol):
         if close:
             self._close(linger)
             return
-        self._flush()
-        if not self._queue and self._state == _IDLE and self._conn == _OPEN:
-            self._idle_since = self._clock.seconds()
+        self._flush()       # the answers behind it; starts the idle clock when none
 
     def _stop_streaming(self) -> None:
         streaming, self._streaming = self._streaming, None
