@@ -682,3 +682,22 @@ def test_static_files_changes_request_a_reload(db, connect, statement):
     # Deleting the listener takes its mounts with it.
     execute(db, "DELETE FROM omni_httpd.listeners")
     assert one(db, "SELECT count(*) FROM omni_httpd.static_files") == 0
+
+
+def test_a_root_that_disappears_answers_404_and_comes_back(tmp_path):
+    from omni_httpd.common.request import Request
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "a.txt").write_bytes(b"a")
+    files = static_files.StaticFiles({"r": str(root)})
+    files.configure([dict(listener_id=1, url_prefix="/s", root="r", index_file=None, listing=False,
+                          cache_control=None)])
+    request = Request("GET", "/s/a.txt", None, [], b"", 1)
+    assert files.serve(files.mount_for(1, request.path), request).body == b"a"
+    moved = tmp_path / "moved"
+    root.rename(moved)
+    files._real_roots.clear()           # skip the one-second reuse of the root's realpath
+    assert files.serve(files.mount_for(1, request.path), request).status == 404
+    assert files.serve(files.mount_for(1, request.path), request).status == 404
+    moved.rename(root)
+    assert files.serve(files.mount_for(1, request.path), request).body == b"a"

@@ -279,6 +279,7 @@ class StaticFiles:
         self.roots = {name: os.fsencode(path) for name, path in roots.items()}
         self._mounts: Dict[int, List[Mount]] = {}
         self._real_roots: Dict[bytes, Tuple[float, bytes]] = {}
+        self._missing: set = set()     # roots found missing (logged once)
 
     # -- configuration ---------------------------------------------------------------
     def configure(self, entries: List[dict]) -> None:
@@ -338,8 +339,11 @@ class StaticFiles:
             return error_response(400, "Bad request: path not allowed")
         root = self._real_root(mount.directory)
         if root is None:
-            log.warn("static root {name!r} ({directory}) is not available",
-                     name=mount.root, directory=os.fsdecode(mount.directory))
+            if mount.directory not in self._missing:
+                self._missing.add(mount.directory)      # once, not per request
+                log.warn("static root {name!r} ({directory}) is not a directory any more; "
+                         "its files answer 404", name=mount.root,
+                         directory=os.fsdecode(mount.directory))
             return _not_found()
         directory = os.path.realpath(os.path.join(root, *segments[:-1])) if len(segments) > 1 else root
         if not _inside(directory, root):
@@ -383,6 +387,7 @@ class StaticFiles:
         if not os.path.isdir(real):
             return None
         self._real_roots[directory] = (now, real)
+        self._missing.discard(directory)
         return real
 
     def _file(self, mount: Mount, request: Request, root: bytes, directory: bytes, real: bytes,
