@@ -73,6 +73,11 @@ def tree():
     os.symlink(os.path.join(outside, "secret.txt"), os.path.join(site, "style2.css.gz"))
     _write(os.path.join(site, "style2.css"), STYLE)
     os.mkfifo(os.path.join(site, "fifo"))
+    try:    # a character device (/dev/zero's numbers) inside the root: needs root
+        import stat as stat_module
+        os.mknod(os.path.join(site, "zero"), stat_module.S_IFCHR | 0o644, os.makedev(1, 5))
+    except (PermissionError, AttributeError):
+        pass
     try:
         yield site, outside, other
     finally:
@@ -331,7 +336,7 @@ async def test_directories_index_and_listing(site):
 
 
 @pytest_twisted.ensureDeferred
-async def test_misses_methods_and_the_handler(site):
+async def test_misses_methods_and_the_handler(site, tree):
     response, body = await get(site.base + "/static/nope.css")
     assert response.code == 404                         # a miss under a prefix: not the handler
     response, body = await get(site.base + "/static/style.css/")
@@ -345,6 +350,9 @@ async def test_misses_methods_and_the_handler(site):
         assert response.code == 405 and header(response, "allow") == "GET, HEAD"
     response, body = await get(site.base + "/static/fifo")     # not a regular file: at once
     assert response.code == 404
+    if os.path.exists(os.path.join(tree[0], "zero")):
+        response, body = await get(site.base + "/static/zero")     # a device: never read
+        assert response.code == 404 and body == b"Not found"
 
 
 def test_an_unknown_root_is_logged_and_not_served(site):
