@@ -101,8 +101,11 @@ CONTROL_BURST = 1000
 CONTROL_RATE = 100.0
 #: After a GOAWAY the peer gets this long to read what is buffered before we drop it.
 CLOSE_GRACE = 5.0
-#: Bytes of a streamed file body (Response.file) read at a time.
+#: Bytes of a streamed file body (Response.file) read at a time ...
 FILE_CHUNK = 64 * 1024
+#: ... and chunks one stream reads in one go before letting the reactor serve others
+#: (a fast client with a large window would otherwise take the whole file in one turn).
+FILE_CHUNKS_PER_TURN = 8
 
 # Inbound normalisation would only move split Cookie fields to the end; _on_request
 # joins them where the first one arrived instead. Outbound headers are checked (and
@@ -741,6 +744,7 @@ class HTTP2Protocol(Protocol):
         data = stream.data
         stream_id = stream.stream_id
         total = len(data)
+        reads = 0
         while stream.offset < total and not self._paused:
             window = self.h2.local_flow_control_window(stream_id)
             if window <= 0:
@@ -764,6 +768,12 @@ class HTTP2Protocol(Protocol):
                     return
                 total = len(data)
                 stream.offset = end = 0
+                reads += 1
+                if reads >= FILE_CHUNKS_PER_TURN:
+                    stream.sent += size
+                    self._flush()
+                    self.clock.callLater(0, self._continue_file, stream)
+                    return
             stream.sent += size
             if end < total:
                 # Write frame by frame so the transport can pause us when its buffer
@@ -774,6 +784,14 @@ class HTTP2Protocol(Protocol):
         if stream.offset >= total:
             stream.data = None
             self._stream_done(stream)
+
+    def _continue_file(self, stream: _Stream) -> None:
+        """The next part of a file body, a reactor turn later (FILE_CHUNKS_PER_TURN)."""
+        if (self.disconnected or self.streams.get(stream.stream_id) is not stream
+                or stream.state != _Stream.SENDING or stream.data is None):
+            return
+        self._send_pending(stream)
+        self._flush()
 
     def _send_all_pending(self) -> None:
         for stream in sorted(self.streams.values(), key=lambda s: s.stream_id):
