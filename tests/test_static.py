@@ -709,3 +709,12 @@ def test_a_root_that_disappears_answers_404_and_comes_back(tmp_path):
     assert files.serve(files.mount_for(1, request.path), request).status == 404
     moved.rename(root)
     assert files.serve(files.mount_for(1, request.path), request).body == b"a"
+
+
+@pytest.mark.parametrize("prefix", ["/", "/static", "/static/", "/a/b/c", "/.well-known", "/caf\u00e9", "/a-b_c~d"])
+def test_the_table_takes_ordinary_prefixes(db, prefix):
+    from sql_support import execute, one
+    execute(db, "INSERT INTO omni_httpd.listeners DEFAULT VALUES")
+    execute(db, "INSERT INTO omni_httpd.static_files (listener_id, url_prefix, root) "
+                "SELECT id, %s, 'site' FROM omni_httpd.listeners", (prefix,))
+    assert one(db, "SELECT index_file FROM omni_httpd.static_files") == "index.html"
