@@ -345,10 +345,10 @@ $$;
 
 -- The parameters of a header value such as Content-Type or Content-Disposition
 -- ('form-data; name="a"; filename=b.txt'), in order, names lower-cased, values without
--- their double quotes. A quoted value runs to the next `"`: browsers, curl and Python's
--- clients write `"` in names and file names as %22 and a backslash as itself (WHATWG
--- HTML), so there is no backslash escape. Anything that is not a sequence of
--- `; name=value` raises 22P02.
+-- their double quotes. In a quoted value only \" and \\ are escapes (treq and older curl
+-- write `"` as \"); any other backslash is itself, as browsers send a file name's
+-- backslashes unescaped (and `"` as %22, which is left as it is, WHATWG HTML). Anything
+-- that is not a sequence of `; name=value` raises 22P02.
 CREATE FUNCTION omni_web._header_parameters(header text)
     RETURNS TABLE (name text, value text)
     LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE
@@ -371,7 +371,7 @@ BEGIN
                FILTER (WHERE m.g[2] IS NOT NULL)
     INTO tiled, found
     FROM pg_catalog.regexp_matches(rest,
-             '([ \t]*;[ \t]*(?:([^ \t;="]+)[ \t]*=[ \t]*("[^"]*"|[^ \t;"]*))?[ \t]*)', 'g')
+             '([ \t]*;[ \t]*(?:([^ \t;="]+)[ \t]*=[ \t]*("(?:[^"\\]|\\.)*"|[^ \t;"]*))?[ \t]*)', 'g')
              WITH ORDINALITY AS m (g, n);
     IF tiled IS DISTINCT FROM rest THEN
         RAISE EXCEPTION 'malformed parameters in header value "%"', pg_catalog.left(header, 200)
@@ -380,7 +380,9 @@ BEGIN
     RETURN QUERY
         SELECT found[i][1],
                CASE WHEN pg_catalog.left(found[i][2], 1) = '"'
-                    THEN pg_catalog.substr(found[i][2], 2, pg_catalog.length(found[i][2]) - 2)
+                    THEN pg_catalog.regexp_replace(
+                             pg_catalog.substr(found[i][2], 2, pg_catalog.length(found[i][2]) - 2),
+                             '\\(["\\])', '\1', 'g')
                     ELSE found[i][2] END
         FROM pg_catalog.generate_subscripts(found, 1) AS i
         ORDER BY i;
@@ -420,6 +422,7 @@ DECLARE
     disposition text;
     disposition_type text;
     star text;
+    field_name text;
 BEGIN
     IF kind <> (CASE WHEN nested THEN 'multipart/mixed' ELSE 'multipart/form-data' END) THEN
         RAISE EXCEPTION 'not a multipart/form-data body: Content-Type is "%"', pg_catalog.left(media_type, 200)
@@ -522,8 +525,9 @@ BEGIN
         part_content_type := omni_http.http_header_get(part_headers, 'content-type');
         IF NOT nested AND pg_catalog.lower(pg_catalog.btrim(pg_catalog.split_part(part_content_type, ';', 1), E' \t'))
                           = 'multipart/mixed' THEN
+            field_name := part_name;
             RETURN QUERY
-                SELECT part_name, m.part_filename, m.part_content_type, m.part_headers, m.part_body
+                SELECT field_name, m.part_filename, m.part_content_type, m.part_headers, m.part_body
                 FROM omni_web._parse_multipart(part_body, part_content_type, true) AS m;
         ELSE
             RETURN NEXT;
