@@ -371,9 +371,10 @@ def test_multipart_from_treq_with_fields_binary_files_and_several_files_in_one_f
         ("files", ("b \"x\".txt", "text/plain", b"second\r\nfile\r\n")),
         ("nothing", ("empty.dat", "application/octet-stream", b"")),
     ])
+    # treq puts plain fields before files (sorted); the order within a field is kept.
     assert parts(web, body, content_type) == [
-        ("title", None, None, "caf\u00e9 \"quoted\"".encode()),
         ("empty", None, None, b""),
+        ("title", None, None, "caf\u00e9 \"quoted\"".encode()),
         ("files", "a.bin", "application/octet-stream", ALL_BYTES),
         ("files", 'b "x".txt', "text/plain", b"second\r\nfile\r\n"),
         ("nothing", "empty.dat", "application/octet-stream", b""),
@@ -387,8 +388,8 @@ def test_multipart_content_that_looks_like_the_boundary_is_content(web):
               b"\\000\\\\ \\377 backslash digits, \x00\xff\xfe, \r\n\r\n-- \r\n")
     body, content_type = treq_body([("a", ("t.bin", "application/octet-stream", tricky)), ("b", "after")],
                                    boundary=boundary)
-    assert parts(web, body, content_type) == [("a", "t.bin", "application/octet-stream", tricky),
-                                              ("b", None, None, b"after")]
+    assert parts(web, body, content_type) == [("b", None, None, b"after"),
+                                              ("a", "t.bin", "application/octet-stream", tricky)]
 
 
 def test_multipart_headers_are_returned(web):
