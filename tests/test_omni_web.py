@@ -566,3 +566,57 @@ def test_curl_upload_through_the_daemon(empty_dsn, tmp_path):
     finally:
         code = daemon.stop()
     assert code == 0, daemon.output[-3000:]
+
+
+# -- in handlers, and for any role ---------------------------------------------------------------
+
+def test_documented_handlers_work(db):
+    from sql_support import call, execute, install
+    install(db, """SELECT omni_httpd.http_response(format('Hello, %s (%s tags)',
+                       coalesce(omni_web.param_get(request.body, 'name'), 'stranger'),
+                       (SELECT count(*) FROM omni_web.param_get_all(request.body, 'tag'))))
+                   FROM request WHERE request.method = 'POST'""", name="form")
+    assert call(db, "form", method="POST", body=b"name=Ann+B%C3%A9&tag=1&tag=2").body == "Hello, Ann B\u00e9 (2 tags)".encode()
+    execute(db, "CREATE TABLE uploads (field text, filename text, content_type text, data bytea)")
+    install(db, """WITH upload AS (
+                       INSERT INTO uploads (field, filename, content_type, data)
+                       SELECT p.name, p.filename, p.content_type, p.body
+                       FROM request,
+                            omni_web.parse_multipart(request.body,
+                                                     omni_http.http_header_get(request.headers, 'content-type')) AS p
+                       WHERE p.filename IS NOT NULL
+                       RETURNING 1)
+                   SELECT omni_httpd.http_response(format('%s files stored', (SELECT count(*) FROM upload)))""",
+            name="upload")
+    body, content_type = treq_body([("a", ("x.bin", "application/octet-stream", ALL_BYTES)), ("note", "n")])
+    assert call(db, "upload", method="POST", body=body, headers=[("Content-Type", content_type)]).body == \
+        b"1 files stored"
+    assert [(r[0], r[1], bytes(r[2])) for r in rows(db, "SELECT field, filename, data FROM uploads")] == [
+        ("a", "x.bin", ALL_BYTES)]
+    install(db, """SELECT omni_httpd.http_response('hi', headers => ARRAY[omni_web.set_cookie('seen',
+                       coalesce(omni_web.cookie_get(omni_http.http_header_get(request.headers, 'cookie'), 'seen'), '0'),
+                       path => '/')]) FROM request""", name="cookie")
+    assert call(db, "cookie", headers=[("Cookie", "a=b; seen=41")]).header_values[0] == "seen=41; Path=/"
+
+
+def test_usable_by_a_role_without_rights_even_when_public_execute_is_revoked(empty_dsn, make_role):
+    admin = psycopg2.connect(empty_dsn)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute("ALTER DEFAULT PRIVILEGES REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC")
+    migrations.apply(admin)
+    role = make_role()
+    user = psycopg2.connect(empty_dsn.replace("user=postgres", "user=%s" % role))
+    try:
+        assert one(user, "SELECT omni_web.param_get(omni_web.parse_query_string('a=%C3%A9')::omni_web.params, 'a')"
+                         " || omni_web.param_get('b=1', 'b') || omni_web.url_encode(' ') || omni_web.uri_decode('%20')"
+                         " || omni_web.cookie_get('c=d', 'c') || (omni_web.set_cookie('e', 'f')).value") == \
+            "\u00e91%20 de=f"
+        assert rows(user, "SELECT name, convert_from(body, 'UTF8') FROM omni_web.parse_multipart("
+                          "convert_to(E'--b\\r\\ncontent-disposition: form-data; name=x\\r\\n\\r\\ny\\r\\n--b--', 'UTF8'),"
+                          " 'multipart/form-data; boundary=b')") == [("x", "y")]
+    finally:
+        user.close()
+        with admin.cursor() as cur:
+            cur.execute("ALTER DEFAULT PRIVILEGES GRANT EXECUTE ON FUNCTIONS TO PUBLIC")
+        admin.close()
