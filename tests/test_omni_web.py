@@ -297,7 +297,7 @@ def test_set_cookie_is_a_header_for_http_response(web):
     ("sid", "a", {"domain": "x\r\ny"}), ("sid", "a", {"domain": ""}),
     ("sid", "a", {"same_site": "sometimes"}), ("sid", "a", {"same_site": "None"}),
     ("sid", "a", {"expires": "infinity"}), ("sid", "a", {"expires": "10000-01-01"}),
-    ("__Secure-id", "a", {}), ("__Host-id", "a", {"secure": True}),
+    ("__Secure-id", "a", {}), ("__secure-id", "a", {}), ("__Host-id", "a", {"secure": True}),
     ("__Host-id", "a", {"secure": True, "path": "/", "domain": "example.com"}),
 ])
 def test_set_cookie_refuses_what_would_break_the_header(web, name, value, named):

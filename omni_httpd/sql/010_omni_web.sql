@@ -14,7 +14,9 @@
 --   22023 invalid_parameter_value      a cookie or Content-Type that cannot be used
 --   22P02 invalid_text_representation  a malformed multipart body
 
-CREATE SCHEMA omni_web;
+-- IF NOT EXISTS: another migration (e.g. routes' URL patterns, also in Omnigres'
+-- omni_web) may have created the schema already.
+CREATE SCHEMA IF NOT EXISTS omni_web;
 GRANT USAGE ON SCHEMA omni_web TO PUBLIC;
 
 -- name, value, name, value, ...: what parse_query_string returns.
@@ -254,7 +256,8 @@ AS $$ SELECT c.value FROM omni_web.cookies($1) AS c WHERE c.name = $2 LIMIT 1 $$
 -- than meant: a name that is not a token, a value outside cookie-octets (no space, `"`,
 -- `,`, `;`, `\`, control or non-ASCII characters: url_encode it first), a Path or
 -- Domain with `;` or control characters, an unknown SameSite, SameSite=None without
--- Secure, and the __Secure- / __Host- prefixes without what they require.
+-- Secure, and the __Secure- / __Host- prefixes (in any letter case, as browsers read
+-- them) without what they require.
 CREATE FUNCTION omni_web.set_cookie(
         name text, value text,
         max_age int DEFAULT NULL, expires timestamptz DEFAULT NULL,
@@ -342,11 +345,11 @@ BEGIN
         END IF;
         cookie := cookie || '; SameSite=' || pg_catalog.initcap(site);
     END IF;
-    IF name LIKE '\_\_Secure-%' AND NOT coalesce(secure, false) THEN
+    IF name ILIKE '\_\_Secure-%' AND NOT coalesce(secure, false) THEN
         RAISE EXCEPTION 'cookie % needs secure => true (its name has the __Secure- prefix)', name
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF name LIKE '\_\_Host-%' AND (NOT coalesce(secure, false) OR path IS DISTINCT FROM '/' OR domain IS NOT NULL) THEN
+    IF name ILIKE '\_\_Host-%' AND (NOT coalesce(secure, false) OR path IS DISTINCT FROM '/' OR domain IS NOT NULL) THEN
         RAISE EXCEPTION 'cookie % needs secure => true, path => ''/'' and no domain (its name has the __Host- prefix)', name
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
