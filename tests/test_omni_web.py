@@ -648,3 +648,17 @@ def test_usable_by_a_role_without_rights_even_when_public_execute_is_revoked(emp
         with admin.cursor() as cur:
             cur.execute("ALTER DEFAULT PRIVILEGES GRANT EXECUTE ON FUNCTIONS TO PUBLIC")
         admin.close()
+
+
+def test_error_messages_never_carry_a_request_line_break(web):
+    for sql, params in [
+        ("SELECT omni_web.parse_query_string(%s::text)", ("a=%\r\nInjected: 1",)),
+        ("SELECT omni_web.url_decode(%s)", ("%\n\n",)),
+        ("SELECT omni_web.set_cookie(%s, 'v')", ("a\r\nb",)),
+        ("SELECT * FROM omni_web.parse_multipart('', %s)", ("text/plain\r\nInjected: 1",)),
+        ("SELECT * FROM omni_web.parse_multipart('', %s)", ('multipart/form-data; boundary="a\r\nb"',)),
+        ("SELECT * FROM omni_web.parse_multipart(%s, 'multipart/form-data; boundary=b0und')",
+         (hand_made(b"Content-Disposition: x\r\n y\r\n\r\n"),)),
+    ]:
+        _, message = error(web, sql, params)
+        assert "\r" not in message and "\n" not in message, message

@@ -24,6 +24,14 @@ CREATE DOMAIN omni_web.params AS text[]
     CHECK (pg_catalog.array_ndims(VALUE) IS NULL
            OR (pg_catalog.array_ndims(VALUE) = 1 AND pg_catalog.array_length(VALUE, 1) % 2 = 0));
 
+-- A request-supplied string as an error message shows it: at most 100 characters,
+-- control characters as `?`, so that no message (or log line made of it) gains a line.
+CREATE FUNCTION omni_web._shown(text)
+    RETURNS text
+    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+    SET search_path = pg_catalog, pg_temp
+AS $$ SELECT pg_catalog.regexp_replace(pg_catalog.left($1, 100), '[[:cntrl:]]', '?', 'g') $$;
+
 -- 1. Percent-encoding -----------------------------------------------------------------
 
 -- The bytes `encoded` stands for: each %XX is the byte XX, everything else its UTF-8.
@@ -43,7 +51,7 @@ BEGIN
     END IF;
     bad := pg_catalog.substring(encoded, '%(?![0-9A-Fa-f]{2}).{0,2}');
     IF bad IS NOT NULL THEN
-        RAISE EXCEPTION 'invalid percent-encoding "%": "%%" must be followed by two hexadecimal digits', bad
+        RAISE EXCEPTION 'invalid percent-encoding "%": "%%" must be followed by two hexadecimal digits', omni_web._shown(bad)
             USING ERRCODE = 'invalid_escape_sequence';
     END IF;
     SELECT pg_catalog.string_agg(
@@ -126,7 +134,7 @@ DECLARE
     result text[];
 BEGIN
     IF bad IS NOT NULL THEN
-        RAISE EXCEPTION 'invalid percent-encoding "%" in query string: "%%" must be followed by two hexadecimal digits', bad
+        RAISE EXCEPTION 'invalid percent-encoding "%" in query string: "%%" must be followed by two hexadecimal digits', omni_web._shown(bad)
             USING ERRCODE = 'invalid_escape_sequence';
     END IF;
     -- One statement for all pairs, and no function call per pair (a call with a pinned
@@ -275,7 +283,7 @@ DECLARE
     site text;
 BEGIN
     IF name IS NULL OR name !~ '^[!#$%&''*+.^_`|~0-9A-Za-z-]+$' THEN
-        RAISE EXCEPTION 'invalid cookie name %: it must be a non-empty HTTP token', coalesce(pg_catalog.quote_literal(name), 'NULL')
+        RAISE EXCEPTION 'invalid cookie name %: it must be a non-empty HTTP token', coalesce(pg_catalog.quote_literal(omni_web._shown(name)), 'NULL')
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     -- cookie-value: cookie-octets (%x21 / %x23-2B / %x2D-3A / %x3C-5B / %x5D-7E), or
@@ -390,7 +398,7 @@ BEGIN
              '([ \t]*;[ \t]*(?:([^ \t;="]+)[ \t]*=[ \t]*("(?:[^"\\]|\\.)*"|[^ \t;"]*))?[ \t]*)', 'g')
              WITH ORDINALITY AS m (g, n);
     IF tiled IS DISTINCT FROM rest THEN
-        RAISE EXCEPTION 'malformed parameters in header value "%"', pg_catalog.left(header, 200)
+        RAISE EXCEPTION 'malformed parameters in header value "%"', omni_web._shown(header)
             USING ERRCODE = 'invalid_text_representation';
     END IF;
     RETURN QUERY
@@ -441,17 +449,17 @@ DECLARE
     field_name text;
 BEGIN
     IF kind <> (CASE WHEN nested THEN 'multipart/mixed' ELSE 'multipart/form-data' END) THEN
-        RAISE EXCEPTION 'not a multipart/form-data body: Content-Type is "%"', pg_catalog.left(media_type, 200)
+        RAISE EXCEPTION 'not a multipart/form-data body: Content-Type is "%"', omni_web._shown(media_type)
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     SELECT p.value INTO boundary FROM omni_web._header_parameters(media_type) AS p WHERE p.name = 'boundary' LIMIT 1;
     IF boundary IS NULL THEN
-        RAISE EXCEPTION 'Content-Type "%" has no boundary parameter', pg_catalog.left(media_type, 200)
+        RAISE EXCEPTION 'Content-Type "%" has no boundary parameter', omni_web._shown(media_type)
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF boundary !~ '^[0-9A-Za-z''()+_,./:=? -]{0,69}[0-9A-Za-z''()+_,./:=?-]$' THEN
         RAISE EXCEPTION 'invalid multipart boundary "%": 1 to 70 letters, digits, spaces and ''()+_,-./:=? (not ending in a space)',
-            pg_catalog.left(boundary, 100)
+            omni_web._shown(boundary)
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     delimiter := E'\r\n--' || boundary;
@@ -518,7 +526,7 @@ BEGIN
         END IF;
         disposition_type := pg_catalog.lower(pg_catalog.btrim(pg_catalog.split_part(disposition, ';', 1), E' \t'));
         IF disposition_type <> 'form-data' AND NOT (nested AND disposition_type IN ('attachment', 'file')) THEN
-            RAISE EXCEPTION 'multipart part % is "%", not form-data', i, pg_catalog.left(disposition_type, 100)
+            RAISE EXCEPTION 'multipart part % is "%", not form-data', i, omni_web._shown(disposition_type)
                 USING ERRCODE = 'invalid_text_representation';
         END IF;
         SELECT (pg_catalog.array_agg(p.value) FILTER (WHERE p.name = 'name'))[1],
