@@ -560,8 +560,8 @@ def test_curl_upload_through_the_daemon(empty_dsn, tmp_path):
         wait_reloads(empty_dsn, 1)
         url = "http://127.0.0.1:%d/upload" % effective_port(empty_dsn, listener)
 
-        def curl(*form):
-            argv = ["curl", "-s", "-w", "\n%{http_code}"]
+        def curl(*form, options=()):
+            argv = ["curl", "-s", "-w", "\n%{http_code}"] + list(options)
             for field in form:
                 argv += ["-F", field]
             done = subprocess.run(argv + [url], cwd=tmp_path, capture_output=True, timeout=60)
@@ -580,6 +580,10 @@ def test_curl_upload_through_the_daemon(empty_dsn, tmp_path):
             {"name": "big", "filename": "c.bin", "content_type": "image/png",
              "md5": hashlib.md5(files["c.bin"]).hexdigest(), "size": len(files["c.bin"])},
         ]
+        # The same over HTTP/2 (cleartext, prior knowledge).
+        status, body2 = curl("title=caf\u00e9", "files=@a.txt,b.bin", "big=@c.bin;type=image/png",
+                             options=["--http2-prior-knowledge"])
+        assert status == 200 and json.loads(body2) == json.loads(body)
         # A malformed body is the handler's error: 500, and the worker goes on serving.
         broken = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-H",
                                  "Content-Type: multipart/form-data; boundary=zz", "--data-binary", "--zz\r\n", url],
