@@ -477,6 +477,10 @@ def test_multipart_file_names_as_browsers_and_old_clients_write_them(web):
 @pytest.mark.parametrize("body, content_type, code, words", [
     (hand_made(b"Content-Disposition: form-data; name=a\r\n\r\n1", close=False), None, MALFORMED, "closing delimiter"),
     (b"no delimiter at all", None, MALFORMED, "closing delimiter"),
+    (b"--b0und\nContent-Disposition: form-data; name=a\n\n1\n--b0und--", None, MALFORMED,
+     "closing delimiter"),                                           # LF-only lines
+    (b"preamble--b0und\r\nContent-Disposition: form-data; name=a\r\n\r\n1", None, MALFORMED,
+     "closing delimiter"),                                           # no line start
     (hand_made(b"Content-Disposition: form-data; name=a\r\n\r\n1")[:-2], None, MALFORMED, "closing delimiter"),
     (hand_made(b"Content-Disposition: form-data; name=a\r\n1"), None, MALFORMED, "no empty line"),
     (hand_made(b"Content-Type: text/plain\r\n\r\n1"), None, MALFORMED, "no Content-Disposition"),
