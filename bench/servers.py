@@ -370,14 +370,15 @@ class DaemonServer(Server):
             with conn.cursor() as cur:
                 for workload in self.workloads:
                     self.listener_ids[workload.name] = self._add_listener(cur, workload.handler)
-                    if workload.static_file is not None:
-                        cur.execute("INSERT INTO omni_httpd.static_files (listener_id, url_prefix, root) "
-                                    "VALUES (%s, '/static', 'bench')", (self.listener_ids[workload.name],))
                 self.listener_ids["reload"] = self._add_listener(
                     cur, "SELECT omni_httpd.http_response('reload 0') FROM request")
                 cur.execute("SELECT handler_id FROM omni_httpd.listeners_handlers WHERE listener_id = %s",
                             (self.listener_ids["reload"],))
                 self.reload_handler_id = cur.fetchone()[0]
+                for workload in self.workloads:
+                    if workload.static_file is not None:     # W4: from disk, not its handler
+                        cur.execute("INSERT INTO omni_httpd.static_files (listener_id, url_prefix, root) "
+                                    "VALUES (%s, '/static', 'bench')", (self.listener_ids[workload.name],))
             conn.commit()
             conn.autocommit = True
             self._read_ports(conn)

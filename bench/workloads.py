@@ -55,8 +55,6 @@ class Workload:
     handler: str
     response_type: str  # expected media type (before any ';')
     check_body: Callable[[bytes], Optional[str]]
-    #: A static file (served from disk, no SQL): only the daemon and nginx serve it.
-    static_file: Optional[bytes] = None
 
     def check(self, status: int, content_type: Optional[str], body: bytes) -> Optional[str]:
         """None when the response is right, else a one-line reason."""
@@ -66,6 +64,12 @@ class Workload:
         if media != self.response_type:
             return "content type %r (expected %s)" % (content_type, self.response_type)
         return self.check_body(body)
+
+    @property
+    def static_file(self) -> Optional[bytes]:
+        """The file a static-file workload serves (from disk, no SQL: only the daemon
+        and nginx serve it), else None."""
+        return w4_file() if self.name == "W4" else None
 
 
 def _check_w1(body: bytes) -> Optional[str]:
@@ -99,7 +103,7 @@ WORKLOADS = {
     "W3": Workload("W3", "GET 256 KiB body", "GET", "/big", None, None,
                    W3_HANDLER, "text/plain", _check_w3),
     "W4": Workload("W4", "GET a 16 KiB static file", "GET", "/static/" + W4_NAME, None, None,
-                   W3_HANDLER, "text/css", _check_w4, static_file=w4_file()),
+                   W3_HANDLER, "text/css", _check_w4),
 }
 
 

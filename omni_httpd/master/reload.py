@@ -29,7 +29,7 @@ class Reloader:
         self.slots = slots
         self.fleet = None
         self.config = Configuration([])
-        self.static_files: List[dict] = []     # static_config.checked entries
+        self.static_files: Dict[int, List[dict]] = {}   # listener id -> static_config entries
         self.bound: Dict[int, listeners.BoundListener] = {}
         self.generation = 0
         self.last_reload = None
@@ -53,13 +53,13 @@ class Reloader:
                          handler=None if spec.handler is None else dict(
                              id=spec.handler.id, query=spec.handler.query,
                              role_name=spec.handler.role_name))
+            entry["static_files"] = self.static_files.get(spec.id, [])
             if bound.bind_id not in worker.bind_ids:
                 entry["fd_index"] = len(fds)
                 fds.append(bound.sockets[worker.slot].fileno())
             entries.append(entry)
             bind_ids.append(bound.bind_id)
-        message = dict(type="config", generation=self.generation, listeners=entries,
-                       static_files=self.static_files)
+        message = dict(type="config", generation=self.generation, listeners=entries)
         return message, fds, bind_ids
 
     # -- reloading ----------------------------------------------------------------------

@@ -18,16 +18,17 @@ from omni_httpd.master import queries
 log = Logger()
 
 
-def checked(rows, roots: Dict[str, str]) -> List[dict]:
-    """The rows as control-message entries, without those naming an unknown root."""
-    mounts = []
+def checked(rows, roots: Dict[str, str]) -> Dict[int, List[dict]]:
+    """The rows as control-message entries by listener id, without those naming an
+    unknown root."""
+    mounts: Dict[int, List[dict]] = {}
     for listener_id, url_prefix, root, index_file, listing, cache_control in rows:
         if root not in roots:
             log.warn("static_files row (listener {listener_id}, {prefix!r}) names root {root!r}, "
                      "which no --static-root gives; not served", listener_id=listener_id,
                      prefix=url_prefix, root=root)
             continue
-        mounts.append(dict(listener_id=listener_id, url_prefix=url_prefix, root=root,
+        mounts.setdefault(listener_id, []).append(dict(listener_id=listener_id, url_prefix=url_prefix, root=root,
                            index_file=index_file, listing=bool(listing),
                            cache_control=cache_control))
     return mounts
@@ -35,6 +36,6 @@ def checked(rows, roots: Dict[str, str]) -> List[dict]:
 
 @defer.inlineCallbacks
 def load(connection, roots: Dict[str, str]):
-    """Read the mounts through a txpostgres connection; Deferred[list of entries]."""
+    """Read the mounts through a txpostgres connection; Deferred[{listener id: entries}]."""
     rows = yield connection.runQuery(queries.LOAD_STATIC_FILES)
     return checked(rows, roots)

@@ -143,7 +143,8 @@ class Worker:
                 except OSError:
                     pass
         self.inherited = {}
-        self.static_files.configure(message.get("static_files", []))
+        self.static_files.configure([mount for entry in message["listeners"]
+                                     for mount in entry.get("static_files", ())])
 
         handlers = {}
         new_map = {}
