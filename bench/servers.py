@@ -326,13 +326,14 @@ class DaemonServer(Server):
         argv = [twistd, "-n", "--pidfile", os.path.join(self.ctx.workdir, "twistd.pid"), "omni_httpd",
                 "--dsn", self.ctx.dsn, "--http-workers", str(self.workers), "--no-init", "--admin", "none",
                 # like the peers (uvicorn --no-access-log, nginx access_log off)
-                "--no-access-log",
-                "--static-root", "bench=" + write_static_root(os.path.join(self.ctx.workdir, "static"))]
+                "--no-access-log"]
         # the same omni_httpd (and its twisted/plugins) as this process, installed or not
         import omni_httpd
         root = os.path.dirname(os.path.dirname(os.path.abspath(omni_httpd.__file__)))
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        # W4's file (bench/workloads.py), served from disk
+        argv += ["--static-root", "bench=" + write_static_root(os.path.join(self.ctx.workdir, "static"))]
         return Proc(argv, os.path.join(self.ctx.workdir, "omni_httpd.log"), env=env, cwd=self.ctx.workdir)
 
     def _connect(self):
