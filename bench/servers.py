@@ -360,11 +360,19 @@ class DaemonServer(Server):
         self.proc.start()
         conn = self._connect()
         try:
+            from omni_httpd.master.migrations import migrations
+            shipped = [version for version, _name, _sql in migrations()]
+
             def schema_ready():
+                # Every migration, not just the first tables: the daemon applies them one
+                # transaction each, and the workloads may use any (static_files: 011).
                 with conn.cursor() as cur:
-                    cur.execute("SELECT to_regclass('omni_httpd.listeners_handlers') IS NOT NULL "
-                                "AND to_regclass('omni_httpd.configuration_reloads') IS NOT NULL")
-                    return cur.fetchone()[0]
+                    cur.execute("SELECT to_regclass('omni_httpd.schema_migrations') IS NOT NULL")
+                    if not cur.fetchone()[0]:
+                        return False
+                    cur.execute("SELECT count(*) FROM omni_httpd.schema_migrations WHERE version = ANY(%s)",
+                                (shipped,))
+                    return cur.fetchone()[0] == len(shipped)
             self._wait("the daemon to install its schema", schema_ready, 60)
             self.schema_seconds = time.monotonic() - self.started_at
             conn.autocommit = False
