@@ -194,6 +194,9 @@ def run_http_server(server, targets: List[Target], workloads: List[Workload], ct
     try:
         for t in targets:
             for w in workloads:
+                if w.static_file is not None and not isinstance(server, (DaemonServer, NginxServer)):
+                    results["rows"].append(row(t, w, "n/a (static file)", ""))
+                    continue
                 port = server.port(t.protocol, w)
                 if server.proc.alive():
                     # the first check may wait for the server to come up; later ones barely
@@ -278,6 +281,9 @@ def run_pgbench(target: Target, workloads: List[Workload], ctx: Context, pgbench
         results["notes"].append("pgbench ran the peers' statements: the omni_httpd schema was not installed "
                                 "(the daemon did not run first)")
     for w in workloads:
+        if w.static_file is not None:
+            results["rows"].append(row(target, w, "n/a (static file)", ""))
+            continue
         sql = pgbench_sql(w) if has_schema else peer_sql(w)
         try:
             conn = psycopg2.connect(ctx.dsn)
@@ -420,7 +426,7 @@ def parse_args(argv=None):
     parser.add_argument("--duration", type=int, default=None, help="seconds per measurement (default 10, smoke 1)")
     parser.add_argument("--warmup", type=int, default=None,
                         help="seconds of unrecorded load before each measurement (default 2, smoke 0)")
-    parser.add_argument("--workloads", default="W1,W2,W3", help="comma-separated, from W1,W2,W3")
+    parser.add_argument("--workloads", default="W1,W2,W3,W4", help="comma-separated, from W1,W2,W3,W4")
     parser.add_argument("--targets", default=None,
                         help="comma-separated, from %s (default all; smoke: %s)"
                         % (",".join(t.id for t in TARGETS), ",".join(SMOKE_TARGETS)))

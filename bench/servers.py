@@ -254,6 +254,7 @@ class NginxServer(Server):
             with open(os.path.join(www, name), "wb") as handle:
                 handle.write(data)
             os.chmod(os.path.join(www, name), 0o644)
+        write_static_root(os.path.join(www, "static"))
         temp = "\n".join("  %s_temp_path %s/%s;" % (kind, root, kind)
                          for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
         conf = """worker_processes 2;
@@ -273,6 +274,8 @@ http {{
     location = /big {{ default_type "text/plain; charset=utf-8"; alias {www}/w3; }}
     # the static module answers POST with 405: turn that into an internal GET of the file
     location = /echo {{ default_type application/json; alias {www}/w2; error_page 405 =200 $uri; }}
+    # W4: the static module, as the daemon's static files (ETag, Last-Modified, ranges)
+    location /static/ {{ alias {www}/static/; types {{ text/css css; }} charset utf-8; charset_types text/css; }}
   }}
 }}
 """.format(root=root, www=www, temp=temp, h1=self.h1_port, h2=self.h2_port)
@@ -287,6 +290,19 @@ http {{
 
     def port(self, protocol: str, workload: Workload) -> int:
         return self.h2_port if protocol == "h2c" else self.h1_port
+
+
+def write_static_root(directory: str) -> str:
+    """The W4 file in ``directory`` (readable by any account: nginx's and the daemon's
+    workers may run as another)."""
+    from workloads import W4_NAME, w4_file
+    os.makedirs(directory, exist_ok=True)
+    os.chmod(directory, 0o755)
+    path = os.path.join(directory, W4_NAME)
+    with open(path, "wb") as handle:
+        handle.write(w4_file())
+    os.chmod(path, 0o644)
+    return directory
 
 
 class DaemonServer(Server):
@@ -316,6 +332,8 @@ class DaemonServer(Server):
         root = os.path.dirname(os.path.dirname(os.path.abspath(omni_httpd.__file__)))
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        # W4's file (bench/workloads.py), served from disk
+        argv += ["--static-root", "bench=" + write_static_root(os.path.join(self.ctx.workdir, "static"))]
         return Proc(argv, os.path.join(self.ctx.workdir, "omni_httpd.log"), env=env, cwd=self.ctx.workdir)
 
     def _connect(self):
@@ -342,11 +360,19 @@ class DaemonServer(Server):
         self.proc.start()
         conn = self._connect()
         try:
+            from omni_httpd.master.migrations import migrations
+            shipped = [version for version, _name, _sql in migrations()]
+
             def schema_ready():
+                # Every migration, not just the first tables: the daemon applies them one
+                # transaction each, and the workloads may use any (static_files: 011).
                 with conn.cursor() as cur:
-                    cur.execute("SELECT to_regclass('omni_httpd.listeners_handlers') IS NOT NULL "
-                                "AND to_regclass('omni_httpd.configuration_reloads') IS NOT NULL")
-                    return cur.fetchone()[0]
+                    cur.execute("SELECT to_regclass('omni_httpd.schema_migrations') IS NOT NULL")
+                    if not cur.fetchone()[0]:
+                        return False
+                    cur.execute("SELECT count(*) FROM omni_httpd.schema_migrations WHERE version = ANY(%s)",
+                                (shipped,))
+                    return cur.fetchone()[0] == len(shipped)
             self._wait("the daemon to install its schema", schema_ready, 60)
             self.schema_seconds = time.monotonic() - self.started_at
             conn.autocommit = False
@@ -358,6 +384,10 @@ class DaemonServer(Server):
                 cur.execute("SELECT handler_id FROM omni_httpd.listeners_handlers WHERE listener_id = %s",
                             (self.listener_ids["reload"],))
                 self.reload_handler_id = cur.fetchone()[0]
+                for workload in self.workloads:
+                    if workload.static_file is not None:     # W4: from disk, not its handler
+                        cur.execute("INSERT INTO omni_httpd.static_files (listener_id, url_prefix, root) "
+                                    "VALUES (%s, '/static', 'bench')", (self.listener_ids[workload.name],))
             conn.commit()
             conn.autocommit = True
             self._read_ports(conn)

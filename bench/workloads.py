@@ -16,6 +16,17 @@ W2_HANDLER = "SELECT omni_httpd.http_response(convert_from(request.body, 'UTF8')
 W3_HANDLER = "SELECT omni_httpd.http_response(repeat('x', 262144)) FROM request"
 
 W3_SIZE = 262144
+W4_SIZE = 16384
+#: W4 is served from this file by the daemon's static files (--static-root bench=DIR,
+#: an omni_httpd.static_files row for /static) and by nginx's static module: no SQL.
+W4_NAME = "style.css"
+
+
+def w4_file() -> bytes:
+    """A deterministic 16 KiB stylesheet."""
+    rule = b".c%04d { color: #%06x; margin: 0 auto; }\n"
+    out = b"".join(rule % (i, (i * 2654435761) & 0xFFFFFF) for i in range(W4_SIZE // 30 + 1))
+    return out[:W4_SIZE - 1] + b"\n"
 
 
 def w2_payload() -> bytes:
@@ -54,6 +65,12 @@ class Workload:
             return "content type %r (expected %s)" % (content_type, self.response_type)
         return self.check_body(body)
 
+    @property
+    def static_file(self) -> Optional[bytes]:
+        """The file a static-file workload serves (from disk, no SQL: only the daemon
+        and nginx serve it), else None."""
+        return w4_file() if self.name == "W4" else None
+
 
 def _check_w1(body: bytes) -> Optional[str]:
     expected = b"Hello, <b>John</b>!"
@@ -74,6 +91,10 @@ def _check_w3(body: bytes) -> Optional[str]:
     return None if body == b"x" * W3_SIZE else "body content differs"
 
 
+def _check_w4(body: bytes) -> Optional[str]:
+    return None if body == w4_file() else "body of %d bytes differs from the %d-byte file" % (len(body), W4_SIZE)
+
+
 WORKLOADS = {
     "W1": Workload("W1", "GET /users/johndoe (users join, HTML)", "GET", "/users/johndoe", None, None,
                    W1_HANDLER, "text/html", _check_w1),
@@ -81,6 +102,8 @@ WORKLOADS = {
                    "application/json", W2_HANDLER, "application/json", _check_w2),
     "W3": Workload("W3", "GET 256 KiB body", "GET", "/big", None, None,
                    W3_HANDLER, "text/plain", _check_w3),
+    "W4": Workload("W4", "GET a 16 KiB static file", "GET", "/static/" + W4_NAME, None, None,
+                   W3_HANDLER, "text/css", _check_w4),
 }
 
 

@@ -269,3 +269,20 @@ def test_encrypted_tls_key_is_refused_without_prompting(capsys, tmp_path):
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.BestAvailableEncryption(b"passphrase")), 0o600)
     assert "--tls-key: %s is encrypted" % locked in parse_error(capsys, ["--tls-cert", cert, "--tls-key", locked])
+
+
+def test_static_roots(tmp_path, capsys):
+    one, two = tmp_path / "one", tmp_path / "a,b"     # a directory with a comma in its name
+    one.mkdir()
+    two.mkdir()
+    assert parse([]).static_roots == {}
+    settings = parse(["--static-root", "site=%s" % one, "--static-root", "odd.name-1=%s" % two])
+    assert settings.static_roots == {"site": str(one), "odd.name-1": str(two)}
+    from_env = parse([], {"OMNI_HTTPD_STATIC_ROOT": "a=%s, b=%s" % (one, one)})
+    assert from_env.static_roots == {"a": str(one), "b": str(one)}
+    for argv, expected in (
+            (["--static-root", str(one)], "--static-root: expected NAME=DIR"),
+            (["--static-root", "x=%s" % (tmp_path / "missing")], "is not a directory"),
+            (["--static-root", "a/b=%s" % one], "--static-root: root name 'a/b'"),
+            (["--static-root", "a=%s" % one, "--static-root", "a=%s" % two], "root name 'a' given twice")):
+        assert expected in parse_error(capsys, argv)

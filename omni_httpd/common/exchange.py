@@ -19,6 +19,9 @@ out is decided here, the same way for both:
   address in brackets), and the access-log line itself (namespace
   ``omni_httpd.access``);
 - writing the bytes: straight to the socket when nothing is buffered (`send_now`).
+- a file body (``Response.file``, static files): its ``length`` is the Content-Length;
+  for HEAD, 204 and 304 it is closed here, otherwise `Outgoing.file` tells the protocol
+  to stream it after the head.
 
 It is pure (no I/O but the log): the worker's protocols frame what it returns, the
 console's try-a-request shows it.
@@ -27,7 +30,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 from twisted.internet import tcp
 from twisted.logger import Logger
@@ -64,6 +67,9 @@ class Outgoing:
     body: bytes
     #: Headers the server adds (date, server) unless the handler gave them; written last.
     added: List[Tuple[str, str]]
+    #: A body to stream after ``body`` (Response.file), ``length`` bytes; None for none
+    #: (and for HEAD, 204, 304: then it is closed here).
+    file: Any = None
 
 
 def finish(response: Response, head: bool, now: float, delimit_null: bool,
@@ -109,6 +115,13 @@ def finish(response: Response, head: bool, now: float, delimit_null: bool,
         added.append(("date", http_date(now)))
     if add_server:
         added.append(("server", SERVER))
+    source = response.file
+    if source is not None:
+        if status in _NO_CONTENT or head:
+            source.close()
+            return Outgoing(status, headers, None if status in _NO_CONTENT else source.length,
+                            b"", added)
+        return Outgoing(status, headers, source.length, b"", added, source)
     if status in _NO_CONTENT:
         return Outgoing(status, headers, None, b"", added)
     if body is None:

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 
 @dataclass
@@ -20,12 +20,18 @@ class Response:
     drops any Content-Length / Transfer-Encoding / Connection the handler set.
     ``abort`` True means: close the connection (HTTP/1) or reset the stream (HTTP/2)
     without a response.
+    ``file``, when set (static files, worker/static_files.py), is the body instead of
+    ``body``: an object with ``length`` (bytes it will give), ``remaining`` (bytes not
+    read yet), ``read(n) -> bytes`` (``b""`` at the end; OSError when it cannot give
+    what it announced) and ``close()``; the protocols stream it under back-pressure and
+    close it when done or when the client goes away.
     """
 
     status: int = 200
     headers: List[Tuple[str, str]] = field(default_factory=list)
     body: Optional[bytes] = None
     abort: bool = False
+    file: Any = None
 
 
 ABORT = Response(status=0, abort=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import secrets
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Dict, Optional
 
 
 def default_data_dir() -> str:
@@ -57,6 +57,9 @@ class Settings:
     proxy_deny: str = ""                       # ... minus these
     admin_hosts: str = ""                      # extra Host names of the console, comma-separated
     worker_user: Optional[str] = None          # as root: account of the workers (None: default)
+    # --static-root NAME=DIR: the only directories static files are served from
+    # (omni_httpd.static_files rows name them; worker/static_files.py serves them).
+    static_roots: Dict[str, str] = field(default_factory=dict)
     # This daemon's name in the Via header of requests it proxies, so that it recognises
     # them when they come back (loops, its own admin console). Random per master; the
     # workers get the master's (settings travel to them as JSON). Not an option, and not

@@ -28,3 +28,11 @@ WHERE id = %s AND effective_port IS DISTINCT FROM %s
 RECORD_RELOAD = "INSERT INTO omni_httpd.configuration_reloads DEFAULT VALUES"
 
 LAST_RELOAD = "SELECT max(happened_at) FROM omni_httpd.configuration_reloads"
+
+# Static file mounts (sql/011_static_files.sql); the roots they name are checked against
+# --static-root by master/static_config.py.
+LOAD_STATIC_FILES = """
+SELECT listener_id, url_prefix, root, index_file, listing, cache_control
+FROM omni_httpd.static_files
+ORDER BY listener_id, url_prefix
+"""

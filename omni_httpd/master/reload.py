@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from omni_httpd.master import config as configuration
 from omni_httpd.master import listeners
 from omni_httpd.master import queries
+from omni_httpd.master import static_config
 from omni_httpd.master.config import Configuration
 
 log = Logger()
@@ -28,6 +29,7 @@ class Reloader:
         self.slots = slots
         self.fleet = None
         self.config = Configuration([])
+        self.static_files: Dict[int, List[dict]] = {}   # listener id -> static_config entries
         self.bound: Dict[int, listeners.BoundListener] = {}
         self.generation = 0
         self.last_reload = None
@@ -51,6 +53,7 @@ class Reloader:
                          handler=None if spec.handler is None else dict(
                              id=spec.handler.id, query=spec.handler.query,
                              role_name=spec.handler.role_name))
+            entry["static_files"] = self.static_files.get(spec.id, [])
             if bound.bind_id not in worker.bind_ids:
                 entry["fd_index"] = len(fds)
                 fds.append(bound.sockets[worker.slot].fileno())
@@ -64,6 +67,7 @@ class Reloader:
     def load(self):
         """Read the configuration and bind what changed; no push (used at start-up)."""
         new = yield configuration.load(self.db)
+        self.static_files = yield static_config.load(self.db, self.settings.static_roots)
         self._rebind(new)
         yield self._write_effective_ports()
 

@@ -145,6 +145,13 @@ class MasterService(service.MultiService):
         if account is not None:
             log.info("HTTP workers run as account {name!r} (uid {uid}, gid {gid})",
                      name=account.name, uid=account.uid, gid=account.gid)
+            for name, directory in sorted(settings.static_roots.items()):
+                # Not a reason to keep the workers root: the operator is told instead.
+                blocked = privileges.inaccessible(account, [(directory, privileges.R | privileges.X)])
+                if blocked is not None:
+                    log.warn("--static-root {name}={directory}: account {account!r} cannot read "
+                             "it ({path} is in the way); its files will not be served",
+                             name=name, directory=directory, account=account.name, path=blocked[1])
         return account
 
     def _initialize_default(self) -> None:

@@ -170,6 +170,29 @@ def _host_names(raw: str) -> str:
     return ",".join(names)
 
 
+_ROOT_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def _static_roots(raw) -> Dict[str, str]:
+    """``NAME=DIR`` entries: one per --static-root, comma-separated in the environment."""
+    entries = raw if isinstance(raw, list) else [item for item in _text(raw).split(",") if item.strip()]
+    roots: Dict[str, str] = {}
+    for entry in entries:
+        name, sep, directory = entry.partition("=")
+        name = name.strip()
+        if not sep or not name or not directory.strip():
+            raise ValueError("expected NAME=DIR, got %r" % entry)
+        if not _ROOT_NAME.match(name):
+            raise ValueError("root name %r: use letters, digits, '_', '.', '-'" % name)
+        if name in roots:
+            raise ValueError("root name %r given twice" % name)
+        path = os.path.abspath(os.path.expanduser(directory))
+        if not os.path.isdir(path):
+            raise ValueError("%s (root %r) is not a directory" % (path, name))
+        roots[name] = path
+    return roots
+
+
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)(?:i?b)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
 
@@ -279,10 +302,14 @@ PARAMETERS: Dict[str, Tuple[str, Callable[[str], Any], str]] = {
     "proxy-deny": ("proxy_deny", _address_rules,
                    "Addresses proxy outcomes may not connect to, even if allowed "
                    "(same syntax), e.g. loopback,link-local. Default: none."),
+    "static-root": ("static_roots", _static_roots,
+                    "NAME=DIR: a directory static files may be served from, named by "
+                    "omni_httpd.static_files rows; repeatable (comma-separated in the "
+                    "environment). Default: none (no static files)."),
 }
 
 #: Parameters that may be given more than once; the values are joined with commas.
-REPEATABLE = frozenset(["admin-host"])
+REPEATABLE = frozenset(["admin-host", "static-root"])
 
 # flag name -> (Settings field, value when given, help text)
 FLAGS: Dict[str, Tuple[str, bool, str]] = {
@@ -316,6 +343,13 @@ class Options(usage.Options):
 
     # usage.Options takes a handler's help from its docstring.
     opt_admin_host.__doc__ = PARAMETERS["admin-host"][2]
+
+    def opt_static_root(self, value: str) -> None:
+        # A list, not a comma-joined string: a directory may hold a comma.
+        previous = self["static-root"]
+        self["static-root"] = [value] if previous is None else previous + [value]
+
+    opt_static_root.__doc__ = PARAMETERS["static-root"][2]
 
     def parseOptions(self, options=None) -> None:
         try:

@@ -42,6 +42,8 @@ class Worker:
         self.dispatcher = None
         self.sibling_port = None
         self.stopping = False
+        self.static_files = None
+        self.dispatch = None        # the listeners' dispatch: static mounts, then the dispatcher
 
     # -- start-up ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -69,6 +71,10 @@ class Worker:
         executor = LocalExecutor(self.dbthread, self.handler_map.get, reactor=self.reactor, settings=settings)
         self.dispatcher = Dispatcher(executor, self.dbthread, self.scoreboard, self.slot,
                                      self.run_dir, settings.http_workers)
+        from omni_httpd.worker.static_files import StaticFiles
+        self.static_files = StaticFiles(settings.static_roots)
+        self.dispatch = self.static_files.wrap(
+            self.dispatcher.dispatch, lambda: self.scoreboard.count_request(self.slot))
         path = sibling_socket_path(self.run_dir, self.slot)
         if os.path.exists(path):
             os.unlink(path)
@@ -137,6 +143,8 @@ class Worker:
                 except OSError:
                     pass
         self.inherited = {}
+        self.static_files.configure([mount for entry in message["listeners"]
+                                     for mount in entry.get("static_files", ())])
 
         handlers = {}
         new_map = {}
@@ -167,7 +175,7 @@ class Worker:
         from omni_httpd.worker.http.context import ListenerContext
 
         scheme = entry["protocol"]
-        factory = ServerFactory(ListenerContext(self.dispatcher.dispatch, self.settings, entry["id"],
+        factory = ServerFactory(ListenerContext(self.dispatch, self.settings, entry["id"],
                                                 scheme, clock=self.reactor, worker_label=self.label))
         factory.noisy = False
         served = factory

@@ -42,6 +42,11 @@ Decisions a caller or operator may want to know:
   transport's write buffer is full (the protocol is the transport's streaming
   producer), so a client that sends but never reads cannot make the worker buffer
   without bound.
+- A response whose body is a file (``Response.file``, static files) is streamed: the
+  head goes out, then `FILE_CHUNK` bytes at a time while the transport accepts them
+  (the protocol is the transport's producer: a full write buffer pauses the stream, its
+  draining resumes it). Later pipelined answers wait for it; a file that cannot be read
+  to its announced length aborts the connection (the message cannot be completed).
 - A client that goes away (connection lost or aborted) has its waiting requests
   cancelled: those the DB thread has not started are never run; the one running
   finishes (and commits, a handler's transaction is not tied to the client) and its
@@ -87,6 +92,8 @@ FEED_SLICE = 2048
 MAX_URL = 8 * 1024
 #: How long unread input is discarded after an error answer before closing for good.
 LINGER_SECONDS = 2.0
+#: Bytes of a streamed file body (Response.file) read and written at a time.
+FILE_CHUNK = 64 * 1024
 
 # Parser states of the message being received.
 _IDLE, _HEAD, _BODY = 0, 1, 2
@@ -210,6 +217,9 @@ class HTTP1Protocol(Protocol):
         self._progress = 0.0
         self._synthetic = False
         self._stash = None
+        # A file body being streamed: (entry, file, close after it, linger); answers
+        # behind it wait.
+        self._streaming: Optional[tuple] = None
 
     def _reset_message(self) -> None:
         self._url = b""
@@ -257,6 +267,7 @@ class HTTP1Protocol(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:
         self._conn = _LOST
         self._held = b""
+        self._stop_streaming()
         self._drop_queue()
         for call in (self._timer, self._linger_call):
             if call is not None and call.active():
@@ -295,7 +306,7 @@ class HTTP1Protocol(Protocol):
             # An incomplete request can never complete now.
             self._state = _IDLE
             self._advance(_IGNORING)
-        if not self._queue:
+        if not self._queue and self._streaming is None:
             self._close()
 
     def writeConnectionLost(self) -> None:
@@ -310,7 +321,7 @@ class HTTP1Protocol(Protocol):
         if self._conn >= _CLOSING:
             return
         self._advance(_DRAINING)
-        if not self._queue and self._state == _IDLE:
+        if not self._queue and self._state == _IDLE and self._streaming is None:
             self._close()
 
     def notify_closed(self) -> defer.Deferred:
@@ -579,6 +590,8 @@ class HTTP1Protocol(Protocol):
 
     def _flush(self) -> None:
         """Write every response that is next in line, in one write."""
+        if self._streaming is not None:
+            return      # a file body is going out; _stream_file flushes after it
         queue = self._queue
         out: List[bytes] = []
         while queue:
@@ -601,6 +614,13 @@ class HTTP1Protocol(Protocol):
                      or (self._conn != _OPEN and not queue and self._state == _IDLE))
             data, status, sent, close = self._serialize(entry, response, close)
             out.append(data)
+            if self._stream_source is not None:
+                # The head (and what was ready before it) now, the file as it is taken.
+                self._write(out)
+                self._streaming = (entry, self._stream_source, close, entry.linger, status)
+                self._stream_source = None
+                self._stream_file()
+                return
             self._log(entry, status, sent)
             if close:
                 self._write(out)
@@ -637,6 +657,7 @@ class HTTP1Protocol(Protocol):
         needs content-length: 0 here, to delimit the message).
         """
         out = finish(response, entry.head, self._clock.seconds(), True)
+        self._stream_source = out.file
         status = out.status
         parts = [_STATUS_LINES.get(status) or "HTTP/1.1 %d \r\n" % status]
         for name, value in out.headers:
@@ -660,6 +681,40 @@ class HTTP1Protocol(Protocol):
         if body:
             return data + body, status, len(body), close
         return data, status, 0, close
+
+    _stream_source = None   # set by _serialize: the file body of the head it made
+
+    def _stream_file(self) -> None:
+        """Write the streamed file while the transport takes it; after the last byte,
+        carry on with the answers behind it."""
+        entry, source, close, linger, status = self._streaming
+        transport = self.transport
+        try:
+            while not self._paused & _PAUSE_BACKPRESSURE:
+                chunk = source.read(FILE_CHUNK)
+                if not chunk:
+                    break
+                transport.write(chunk)
+                if self._streaming is None:
+                    return      # the write failed and the connection is gone
+        except Exception as exc:
+            log.warn("HTTP/1 connection from {peer}: file body of {path} failed: {error}",
+                     peer=self._peer, path=entry.request.path, error=str(exc))
+            self._abort()
+            return
+        if self._streaming is None or source.remaining > 0:
+            return      # paused: resumeProducing goes on
+        self._streaming = None
+        self._log(entry, status, source.length)
+        if close:
+            self._close(linger)
+            return
+        self._flush()       # the answers behind it; starts the idle clock when none
+
+    def _stop_streaming(self) -> None:
+        streaming, self._streaming = self._streaming, None
+        if streaming is not None:
+            streaming[1].close()
 
     def _log(self, entry: _Pending, status: int, sent: int) -> None:
         if self._access_log:
@@ -691,6 +746,7 @@ class HTTP1Protocol(Protocol):
         self._advance(_CLOSING)
         transport = self.transport
         self._held = b""
+        self._stop_streaming()
         try:
             transport.unregisterProducer()  # a paused producer would keep the connection open
         except Exception:
@@ -710,6 +766,7 @@ class HTTP1Protocol(Protocol):
             return
         self._advance(_CLOSING)
         self._drop_queue()
+        self._stop_streaming()
         self.transport.abortConnection()
 
     # -- flow control ------------------------------------------------------------------------------
@@ -748,6 +805,8 @@ class HTTP1Protocol(Protocol):
 
     def resumeProducing(self) -> None:
         self._resume_reading(_PAUSE_BACKPRESSURE)
+        if self._streaming is not None and not self._paused & _PAUSE_BACKPRESSURE:
+            self._stream_file()
 
     def stopProducing(self) -> None:
         pass
@@ -778,7 +837,7 @@ class HTTP1Protocol(Protocol):
                 if now >= deadline:
                     self._abort()
                     return
-        elif self._paused:
+        elif self._paused or self._streaming is not None:
             pass
         elif state == _HEAD:
             if self._header_timeout > 0:

@@ -38,6 +38,9 @@ Decisions worth knowing:
 - A client GOAWAY closes the connection: h2 allows no more responses after it.
 - Any h2 `ProtocolError` (h2 has already queued the GOAWAY with the right code) closes
   the connection; nothing escapes into the reactor.
+- A response whose body is a file (``Response.file``, static files) is read `FILE_CHUNK`
+  bytes at a time as flow control and the transport take it, so a stream holds one
+  chunk in memory; a file that cannot be read to its announced length resets its stream.
 """
 from __future__ import annotations
 
@@ -98,6 +101,11 @@ CONTROL_BURST = 1000
 CONTROL_RATE = 100.0
 #: After a GOAWAY the peer gets this long to read what is buffered before we drop it.
 CLOSE_GRACE = 5.0
+#: Bytes of a streamed file body (Response.file) read at a time ...
+FILE_CHUNK = 64 * 1024
+#: ... and chunks one stream reads in one go before letting the reactor serve others
+#: (a fast client with a large window would otherwise take the whole file in one turn).
+FILE_CHUNKS_PER_TURN = 8
 
 # Inbound normalisation would only move split Cookie fields to the end; _on_request
 # joins them where the first one arrived instead. Outbound headers are checked (and
@@ -169,7 +177,7 @@ class _Stream:
 
     __slots__ = ("stream_id", "method", "target", "headers", "chunks", "size",
                  "state", "head", "data", "offset", "status", "started", "request", "sent", "early",
-                 "pending", "budget", "reserved", "window")
+                 "pending", "budget", "reserved", "window", "source")
 
     RECEIVING = 0      # request headers in, body arriving
     DISPATCHED = 1     # request complete, waiting for the dispatcher
@@ -205,6 +213,8 @@ class _Stream:
         self.reserved = 0
         #: receive window the client has left on this stream
         self.window = STREAM_WINDOW
+        #: the rest of a file body (Response.file) after ``data``
+        self.source = None
 
 
 @implementer(IPushProducer)
@@ -507,6 +517,7 @@ class HTTP2Protocol(Protocol):
             return   # already answered: nothing was wasted
         # The client gave up on it: skip its work if it has not started.
         _abandon(stream)
+        _close_source(stream)
         self._release_budget(stream)
         if not self._take_token("_reset_tokens", "_reset_stamp", RESET_BURST, RESET_RATE):
             log.info("{label}HTTP/2 client {peer} resets streams faster than they are "
@@ -656,6 +667,7 @@ class HTTP2Protocol(Protocol):
         released = 0
         for stream in streams:
             _abandon(stream)
+            _close_source(stream)
             if stream.budget == _Stream.ADMITTED:
                 released += stream.reserved
             stream.budget = _Stream.UNBUDGETED
@@ -703,6 +715,13 @@ class HTTP2Protocol(Protocol):
             headers.append((name.encode("ascii"), value.encode("ascii")))
         stream.status = status
         body = out.body
+        if out.file is not None:
+            stream.source = out.file
+            try:
+                body = out.file.read(FILE_CHUNK)
+            except Exception:
+                _close_source(stream)
+                raise
         send_body = bool(body)
         self.h2.send_headers(stream_id, headers, end_stream=not send_body)
         if send_body:
@@ -725,14 +744,36 @@ class HTTP2Protocol(Protocol):
         data = stream.data
         stream_id = stream.stream_id
         total = len(data)
+        reads = 0
         while stream.offset < total and not self._paused:
             window = self.h2.local_flow_control_window(stream_id)
             if window <= 0:
                 return
             size = min(window, self.h2.max_outbound_frame_size, total - stream.offset)
             end = stream.offset + size
-            self.h2.send_data(stream_id, data[stream.offset:end], end_stream=end == total)
+            last = end == total
+            if last and stream.source is not None:
+                last = stream.source.remaining <= 0
+            self.h2.send_data(stream_id, data[stream.offset:end], end_stream=last)
             stream.offset = end
+            if end == total and not last:
+                # The next chunk of the file; the loop goes on while windows allow.
+                try:
+                    data = stream.data = memoryview(stream.source.read(FILE_CHUNK))
+                except Exception as exc:
+                    log.warn("{label}file body on stream {stream_id} failed: {error}",
+                             label=self._label(), stream_id=stream_id, error=str(exc))
+                    self._reset(stream_id, ErrorCodes.INTERNAL_ERROR)
+                    self._forget(stream)
+                    return
+                total = len(data)
+                stream.offset = end = 0
+                reads += 1
+                if reads >= FILE_CHUNKS_PER_TURN:
+                    stream.sent += size
+                    self._flush()
+                    self.clock.callLater(0, self._continue_file, stream)
+                    return
             stream.sent += size
             if end < total:
                 # Write frame by frame so the transport can pause us when its buffer
@@ -743,6 +784,14 @@ class HTTP2Protocol(Protocol):
         if stream.offset >= total:
             stream.data = None
             self._stream_done(stream)
+
+    def _continue_file(self, stream: _Stream) -> None:
+        """The next part of a file body, a reactor turn later (FILE_CHUNKS_PER_TURN)."""
+        if (self.disconnected or self.streams.get(stream.stream_id) is not stream
+                or stream.state != _Stream.SENDING or stream.data is None):
+            return
+        self._send_pending(stream)
+        self._flush()
 
     def _send_all_pending(self) -> None:
         for stream in sorted(self.streams.values(), key=lambda s: s.stream_id):
@@ -765,6 +814,7 @@ class HTTP2Protocol(Protocol):
         self._forget(stream)
 
     def _forget(self, stream: _Stream) -> None:
+        _close_source(stream)
         if self.streams.get(stream.stream_id) is stream:
             del self.streams[stream.stream_id]
         if stream.budget != _Stream.UNBUDGETED:
@@ -886,6 +936,12 @@ class HTTP2Protocol(Protocol):
 
     def _label(self) -> str:
         return "[%s] " % self.worker_label if self.worker_label else ""
+
+
+def _close_source(stream: _Stream) -> None:
+    source, stream.source = stream.source, None
+    if source is not None:
+        source.close()
 
 
 def _abandon(stream: _Stream) -> None:
