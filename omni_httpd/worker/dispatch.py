@@ -15,6 +15,7 @@ from twisted.logger import Logger
 
 from omni_httpd.common.request import Request
 from omni_httpd.common.response import Response, error_response
+from omni_httpd.common.scoreboard import REDISPATCHED
 
 log = Logger()
 
@@ -24,8 +25,11 @@ def sibling_socket_path(run_dir: str, slot: int) -> str:
 
 
 class Dispatcher:
-    def __init__(self, executor, dbthread, scoreboard, slot: int, run_dir: str, slots: int):
+    def __init__(self, executor, dbthread, scoreboard, slot: int, run_dir: str, slots: int,
+                 count=None):
         self.executor = executor
+        # metrics: SlotCounters.count (streams re-sent to a sibling)
+        self._count = count if count is not None else (lambda index: None)
         self.dbthread = dbthread
         self.scoreboard = scoreboard
         self.slot = slot
@@ -62,6 +66,7 @@ class Dispatcher:
         # flag, the scoreboard would show it idle and the next stream would pile onto it
         # instead of going to another idle sibling (or waiting here).
         self.scoreboard.set_busy(slot, True)
+        self._count(REDISPATCHED)
 
         client = self._clients.get(slot)
         if client is None:

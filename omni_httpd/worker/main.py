@@ -22,6 +22,8 @@ from omni_httpd.common.settings import Settings
 log = Logger()
 
 CONTROL_FD = 3
+#: seconds between two samples of the open connections and in-flight requests gauges
+SAMPLE_EVERY = 1.0
 _observers: List["StderrLog"] = []
 
 
@@ -42,6 +44,9 @@ class Worker:
         self.dispatcher = None
         self.sibling_port = None
         self.stopping = False
+        self.counters = None
+        self._sampler = None
+        self._db_was_lost = False
 
     # -- start-up ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -54,10 +59,12 @@ class Worker:
 
         settings = self.settings
         self.scoreboard = Scoreboard(os.path.join(self.run_dir, "scoreboard"), settings.http_workers)
+        self.counters = self.scoreboard.writer(self.slot)
         self.dbthread = DBThread(self.dsn, reactor=self.reactor, handler_timeout=settings.handler_timeout,
                                  lock_timeout=settings.handler_lock_timeout,
                                  application_name="omni_httpd worker %d" % self.slot)
         self.dbthread.on_busy_change(lambda busy: self.scoreboard.set_busy(self.slot, busy))
+        self.dbthread.on_connection_change = self._db_connection_changed
         try:
             # A worker (re)started while the database is away serves anyway: its requests
             # get 503 at once instead of waiting in a socket no process reads.
@@ -66,9 +73,10 @@ class Worker:
             log.error("cannot connect to the database: {error}", error=str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc))
             self.reactor.callLater(0, self._exit, 3)
             return
-        executor = LocalExecutor(self.dbthread, self.handler_map.get, reactor=self.reactor, settings=settings)
+        executor = LocalExecutor(self.dbthread, self.handler_map.get, reactor=self.reactor, settings=settings,
+                                 count=self.counters.count)
         self.dispatcher = Dispatcher(executor, self.dbthread, self.scoreboard, self.slot,
-                                     self.run_dir, settings.http_workers)
+                                     self.run_dir, settings.http_workers, count=self.counters.count)
         path = sibling_socket_path(self.run_dir, self.slot)
         if os.path.exists(path):
             os.unlink(path)
@@ -78,6 +86,30 @@ class Worker:
         self.control = control.adopt(self.reactor, CONTROL_FD,
                                      control.ControlProtocol(self.on_message, self.on_control_lost))
         self.control.send({"type": "ready", "pid": os.getpid()})
+        from twisted.internet.task import LoopingCall
+        self._sampler = LoopingCall(self._sample)
+        self._sampler.clock = self.reactor
+        self._sampler.start(SAMPLE_EVERY)
+
+    def _db_connection_changed(self, connected: bool) -> None:
+        from omni_httpd.common.scoreboard import DB_CONNECTED, DB_RECONNECTS
+        if connected and self._db_was_lost:
+            self.counters.count(DB_RECONNECTS)
+        self._db_was_lost = self._db_was_lost or not connected
+        self.counters.set(DB_CONNECTED, 1 if connected else 0)
+
+    def _sample(self) -> None:
+        """Metrics gauges, sampled: no cost per connection or request."""
+        from omni_httpd.common.scoreboard import IN_FLIGHT, OPEN_CONNECTIONS
+        connections = in_flight = 0
+        for _bind_id, _port, factory in self.ports.values():
+            connections += len(factory.connections)
+            for connection in factory.connections:
+                protocol = connection.protocol
+                if protocol is not None:
+                    in_flight += protocol.in_flight()
+        self.counters.set(OPEN_CONNECTIONS, connections)
+        self.counters.set(IN_FLIGHT, in_flight)
 
     def _exit(self, code: int) -> None:
         for observer in _observers:
@@ -168,7 +200,9 @@ class Worker:
 
         scheme = entry["protocol"]
         factory = ServerFactory(ListenerContext(self.dispatcher.dispatch, self.settings, entry["id"],
-                                                scheme, clock=self.reactor, worker_label=self.label))
+                                                scheme, clock=self.reactor, worker_label=self.label,
+                                                record_h1=self.counters.recorder(entry["id"], 0),
+                                                record_h2=self.counters.recorder(entry["id"], 1)))
         factory.noisy = False
         served = factory
         if scheme == "https":
@@ -191,6 +225,8 @@ class Worker:
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (bounded), close the database."""
         self.stopping = True
+        if self._sampler is not None and self._sampler.running:
+            self._sampler.stop()
         factories = [factory for _bind_id, _port, factory in self.ports.values()]
         for _bind_id, port, _factory in self.ports.values():
             await port.stopListening()
