@@ -265,8 +265,10 @@ class StderrLog:
     FLUSH_EVERY = 0.05
     MAX_BUFFER = 64 * 1024
 
-    def __init__(self, stream=None):
+    def __init__(self, stream=None, json_lines: bool = False):
         self.stream = stream if stream is not None else sys.stderr
+        # --log-format json: each event is one `level|{json}` line (common/logformat.py)
+        self.json_lines = json_lines
         self.reactor = None
         self._buffer: List[str] = []
         self._size = 0
@@ -274,13 +276,17 @@ class StderrLog:
 
     def __call__(self, event) -> None:
         try:
-            text = formatEvent(event)
-            failure = event.get("log_failure")
-            if failure is not None:
-                text = text + "\n" + failure.getTraceback()
             level = event.get("log_level")
             name = level.name if level is not None else "info"
-            chunk = "".join("%s|%s\n" % (name, line) for line in text.splitlines() or [""])
+            if self.json_lines:
+                from omni_httpd.common.logformat import json_line
+                chunk = "%s|%s\n" % (name, json_line(event))
+            else:
+                text = formatEvent(event)
+                failure = event.get("log_failure")
+                if failure is not None:
+                    text = text + "\n" + failure.getTraceback()
+                chunk = "".join("%s|%s\n" % (name, line) for line in text.splitlines() or [""])
             self._buffer.append(chunk)
             self._size += len(chunk)
             if name not in ("debug", "info") or self.reactor is None or self._size > self.MAX_BUFFER:
@@ -331,7 +337,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     settings = Settings(**json.loads(os.environ.get("OMNI_HTTPD_WORKER_SETTINGS", "{}")))
     dsn = os.environ["OMNI_HTTPD_WORKER_DSN"]
-    observer = StderrLog()
+    observer = StderrLog(json_lines=settings.log_format == "json")
     _observers.append(observer)
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
