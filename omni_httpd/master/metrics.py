@@ -23,7 +23,7 @@ import os
 from typing import TYPE_CHECKING, Iterator, List, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily)
 from prometheus_client.process_collector import ProcessCollector
@@ -53,6 +53,8 @@ class MasterMetrics:
     """What the master itself counts (the workers count in the scoreboard)."""
 
     def __init__(self, master: "MasterService"):
+        # No *_created series: they double the output and mean nothing to the alerts.
+        disable_created_metrics()
         self.registry = CollectorRegistry(auto_describe=False)
         self.reloads = Counter("omni_httpd_configuration_reloads", "Configuration generations "
                                "applied by every worker (the first start's included).",
