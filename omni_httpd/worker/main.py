@@ -59,12 +59,15 @@ class Worker:
 
         settings = self.settings
         self.scoreboard = Scoreboard(os.path.join(self.run_dir, "scoreboard"), settings.http_workers)
-        self.counters = self.scoreboard.writer(self.slot)
+        if settings.metrics:
+            # Without --metrics nobody reads the counters: nothing is counted.
+            self.counters = self.scoreboard.writer(self.slot)
         self.dbthread = DBThread(self.dsn, reactor=self.reactor, handler_timeout=settings.handler_timeout,
                                  lock_timeout=settings.handler_lock_timeout,
                                  application_name="omni_httpd worker %d" % self.slot)
         self.dbthread.on_busy_change(lambda busy: self.scoreboard.set_busy(self.slot, busy))
-        self.dbthread.on_connection_change = self._db_connection_changed
+        if self.counters is not None:
+            self.dbthread.on_connection_change = self._db_connection_changed
         try:
             # A worker (re)started while the database is away serves anyway: its requests
             # get 503 at once instead of waiting in a socket no process reads.
@@ -73,10 +76,11 @@ class Worker:
             log.error("cannot connect to the database: {error}", error=str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc))
             self.reactor.callLater(0, self._exit, 3)
             return
+        count = self.counters.count if self.counters is not None else None
         executor = LocalExecutor(self.dbthread, self.handler_map.get, reactor=self.reactor, settings=settings,
-                                 count=self.counters.count)
+                                 count=count)
         self.dispatcher = Dispatcher(executor, self.dbthread, self.scoreboard, self.slot,
-                                     self.run_dir, settings.http_workers, count=self.counters.count)
+                                     self.run_dir, settings.http_workers, count=count)
         path = sibling_socket_path(self.run_dir, self.slot)
         if os.path.exists(path):
             os.unlink(path)
@@ -86,10 +90,11 @@ class Worker:
         self.control = control.adopt(self.reactor, CONTROL_FD,
                                      control.ControlProtocol(self.on_message, self.on_control_lost))
         self.control.send({"type": "ready", "pid": os.getpid()})
-        from twisted.internet.task import LoopingCall
-        self._sampler = LoopingCall(self._sample)
-        self._sampler.clock = self.reactor
-        self._sampler.start(SAMPLE_EVERY)
+        if self.counters is not None:
+            from twisted.internet.task import LoopingCall
+            self._sampler = LoopingCall(self._sample)
+            self._sampler.clock = self.reactor
+            self._sampler.start(SAMPLE_EVERY)
 
     def _db_connection_changed(self, connected: bool) -> None:
         from omni_httpd.common.scoreboard import DB_CONNECTED, DB_RECONNECTS
@@ -199,10 +204,13 @@ class Worker:
         from omni_httpd.worker.http.context import ListenerContext
 
         scheme = entry["protocol"]
+        recorders = {}
+        if self.counters is not None:
+            recorders = dict(record_h1=self.counters.recorder(entry["id"], 0),
+                             record_h2=self.counters.recorder(entry["id"], 1))
         factory = ServerFactory(ListenerContext(self.dispatcher.dispatch, self.settings, entry["id"],
                                                 scheme, clock=self.reactor, worker_label=self.label,
-                                                record_h1=self.counters.recorder(entry["id"], 0),
-                                                record_h2=self.counters.recorder(entry["id"], 1)))
+                                                **recorders))
         factory.noisy = False
         served = factory
         if scheme == "https":
