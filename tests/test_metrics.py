@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -151,6 +152,15 @@ async def test_counters_move_by_exactly_the_requests_sent_and_json_log_lines_par
         for slot in ("0", "1"):
             assert after[("omni_httpd_worker_resident_memory_bytes", (("slot", slot),))] > 1e6
             assert ("omni_httpd_worker_cpu_seconds_total", (("slot", slot),)) in after
+
+        # every omni_httpd_* name the contrib files use is one /metrics has
+        names = {name for name, _labels in after}
+        contrib = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "contrib", "prometheus")
+        for file_name in os.listdir(contrib):
+            with open(os.path.join(contrib, file_name)) as handle:
+                used = set(re.findall(r"\b(omni_httpd_[a-z0-9_]+)", handle.read()))
+            assert used <= names, (file_name, sorted(used - names))
 
         # an open connection is seen within the gauges' sampling period
         with socket.create_connection(("127.0.0.1", ok_port)):
