@@ -316,3 +316,81 @@ def test_readiness_reasons():
     assert readiness(master) == "configuration reload under way"
     master._stopping = True
     assert readiness(master) == "shutting down"
+
+
+def test_counters_survive_a_worker_restart_and_listeners_beyond_the_rows_are_other(tmp_path):
+    from omni_httpd.common import scoreboard as sb
+
+    path = str(tmp_path / "scoreboard")
+    master = sb.Scoreboard(path, 2, create=True)
+    worker = sb.Scoreboard(path, 2)
+    try:
+        counters = worker.writer(1)
+        record = counters.recorder(7, 0)
+        for status, seconds in ((200, 0.0005), (404, 0.001), (503, 0.3), (None, 0.0), (700, 99.0)):
+            record(status, seconds)
+        counters.recorder(7, 1)(204, 0.002)
+        counters.count(sb.HANDLER_ERRORS)
+        counters.set(sb.OPEN_CONNECTIONS, 3)
+        totals = master.totals()
+        assert totals.requests == {("7", "h1", "2xx"): 1, ("7", "h1", "4xx"): 1, ("7", "h1", "5xx"): 1,
+                                   ("7", "h1", "other"): 2, ("7", "h2", "2xx"): 1}
+        buckets, total = totals.durations["7"]
+        # le=0.001 holds 0.0005, 0.001 and 0.0; 0.0025 the 0.002; 0.5 the 0.3; +Inf the 99
+        assert buckets[0] == 3 and buckets[1] == 1 and buckets[8] == 1 and buckets[-1] == 1
+        assert sum(buckets) == 6 and abs(total - 99.3035) < 1e-9
+        assert totals.slot[sb.HANDLER_ERRORS] == 1 and totals.gauges == [3, 0]
+
+        master.worker_down(1, restarted=True)          # folded: kept, and the block is zeroed
+        assert master.counters(1).requests == {}
+        after = master.totals()
+        assert after.requests == totals.requests and after.gauges == [0, 0]
+        replacement = worker.writer(1)
+        replacement.recorder(7, 0)(200, 0.01)
+        assert master.totals().requests[("7", "h1", "2xx")] == 2
+
+        for listener in range(100, 100 + sb.LISTENER_ROWS + 5):
+            replacement.recorder(listener, 0)(200, 0.01)
+        labels = {key[0] for key in master.totals().requests}
+        assert "other" in labels and len(labels) == sb.LISTENER_ROWS   # "7", 14 more named, "other"
+    finally:
+        worker.close()
+        master.close()
+
+
+def test_json_log_lines_carry_the_text_fields():
+    from twisted.logger import LogLevel, formatEvent  # noqa: F401
+    from twisted.python.failure import Failure
+
+    from omni_httpd.common import logformat
+
+    event = dict(log_level=LogLevel.info, log_namespace="omni_httpd.access", log_time=1700000000.25,
+                 log_format='{peer} "{method} {path}" {status}', peer="127.0.0.1:5", method="GET",
+                 path="/x?y", protocol="HTTP/1.1", status=200, bytes=2, duration_ms=1.5, worker="w0")
+    line = json.loads(logformat.json_line(event))
+    assert line == {"time": "2023-11-14T22:13:20.250Z", "level": "info", "worker": None,
+                    "namespace": "omni_httpd.access", "message": '127.0.0.1:5 "GET /x?y" 200',
+                    "peer": "127.0.0.1:5", "method": "GET", "path": "/x?y", "protocol": "HTTP/1.1",
+                    "status": 200, "bytes": 2, "duration": 0.0015}
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        failure = Failure()
+    line = json.loads(logformat.json_line(dict(log_level=LogLevel.error, log_format="boom {x}", x=object(),
+                                               log_namespace="n", log_failure=failure)))
+    assert line["message"].startswith("boom <object") and "ZeroDivisionError" in line["traceback"]
+    assert "\n" not in logformat.json_line(dict(log_format="a\nb"))
+
+
+def test_options_metrics_and_log_format():
+    from omni_httpd.master.tap import Options
+
+    options = Options(environ={"OMNI_HTTPD_LOG_FORMAT": "json"})
+    options.parseOptions(["--metrics", "tcp:0:interface=127.0.0.1"])
+    assert options.settings.metrics == "tcp:0:interface=127.0.0.1" and options.settings.log_format == "json"
+    options = Options(environ={})
+    options.parseOptions(["--metrics", "none"])
+    assert options.settings.metrics is None and options.settings.log_format == "text"
+    for argv in (["--log-format", "xml"], ["--metrics", "tcp:99999"], ["--metrics", "nonsense:1"]):
+        with pytest.raises(SystemExit):
+            Options(environ={}).parseOptions(argv)

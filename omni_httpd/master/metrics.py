@@ -231,9 +231,7 @@ class _Text(resource.Resource):
 
     def render_GET(self, request):
         if request.postpath and request.postpath != [b""]:
-            request.setResponseCode(http.NOT_FOUND)
-            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-            return b"not found\n"
+            return _NotFound().render(request)
         status, content_type, body = self._answer()
         request.setResponseCode(status)
         request.setHeader(b"content-type", content_type)
@@ -241,12 +239,22 @@ class _Text(resource.Resource):
         return body
 
 
-class _Root(resource.Resource):
-    def getChild(self, path, request):
-        return resource.NoResource()
+class _NotFound(resource.Resource):
+    isLeaf = True
 
     def render(self, request):
-        return resource.NoResource().render(request)
+        request.setResponseCode(http.NOT_FOUND)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"not found\n"
+
+
+class _Root(_NotFound):
+    """``/`` and every path but the three: 404."""
+
+    isLeaf = False
+
+    def getChild(self, path, request):
+        return _NotFound()
 
 
 def site(master: "MasterService", registry: CollectorRegistry) -> server.Site:
