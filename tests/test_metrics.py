@@ -216,6 +216,26 @@ async def test_the_endpoint_answers_only_get_of_its_three_paths(dsn):
             answer = b""        # dropped at 64 KiB, with our bytes still unread: a reset
         assert b" 200 " not in answer.split(b"\r\n", 1)[0], answer[:200]
         assert (await get(base + "/live"))[1:] == (200, "live\n")
+        # connections are bounded: past the limit they are closed at once
+        from omni_httpd.master.metrics import MAX_CONNECTIONS
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(MAX_CONNECTIONS)]
+        try:
+            extra = None
+            for _ in range(50):   # until the master has accepted all of them
+                extra = socket.create_connection(("127.0.0.1", port), timeout=10)
+                extra.sendall(b"GET /live HTTP/1.1\r\nHost: x\r\n\r\n")
+                try:
+                    answer = extra.recv(100)
+                except ConnectionResetError:
+                    answer = b""
+                extra.close()
+                if not answer:
+                    break
+            assert answer == b""
+        finally:
+            for sock in held:
+                sock.close()
+        await until(lambda: get(base + "/live"), what="/live once the connections are closed")
         assert daemon.proc.poll() is None
     finally:
         code = daemon.stop()

@@ -13,7 +13,8 @@
 
 Only GET (and HEAD) of exactly these three paths is answered; any other path is 404,
 any other method 405. Request bodies are discarded unread (at most 64 KiB, then the
-connection is dropped), idle connections time out: nothing a client sends is kept. The
+connection is dropped), idle connections time out, at most 32 are open at once:
+nothing a client sends is kept, and what clients can hold is bounded. The
 endpoint has no authentication (like PostgREST's admin server): bind it to a private
 interface (the default is 127.0.0.1).
 """
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
 MAX_BODY = 64 * 1024
 #: seconds an idle probe connection stays open
 IDLE_TIMEOUT = 30
+#: connections open at once; more are closed as they are accepted
+MAX_CONNECTIONS = 32
 #: buckets of the reload duration histogram (seconds from the request to applied)
 RELOAD_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -214,6 +217,25 @@ class _ProbeRequest(server.Request):
             self.channel.transport.abortConnection()
 
 
+class _ProbeChannel(http.HTTPChannel):
+    def connectionMade(self) -> None:
+        site = self.factory
+        site.open_connections += 1
+        if site.open_connections > MAX_CONNECTIONS:
+            self.transport.abortConnection()
+            return
+        super().connectionMade()
+
+    def connectionLost(self, reason) -> None:
+        self.factory.open_connections -= 1
+        super().connectionLost(reason)
+
+
+class _ProbeSite(server.Site):
+    protocol = _ProbeChannel
+    open_connections = 0
+
+
 class _Text(resource.Resource):
     isLeaf = True
 
@@ -277,7 +299,7 @@ def site(master: "MasterService", registry: CollectorRegistry) -> server.Site:
     root.putChild(b"live", _Text(live))
     root.putChild(b"ready", _Text(ready))
     root.putChild(b"metrics", _Text(metrics))
-    result = server.Site(root, timeout=IDLE_TIMEOUT)
+    result = _ProbeSite(root, timeout=IDLE_TIMEOUT)
     result.requestFactory = _ProbeRequest
     result.displayTracebacks = False
     result.log = lambda request: None   # scrapes and probes are not traffic worth a log line
