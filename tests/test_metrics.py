@@ -414,3 +414,17 @@ def test_options_metrics_and_log_format():
     for argv in (["--log-format", "xml"], ["--metrics", "tcp:99999"], ["--metrics", "nonsense:1"]):
         with pytest.raises(SystemExit):
             Options(environ={}).parseOptions(argv)
+
+
+def test_a_metrics_port_in_use_is_one_line_and_exit_status_1(dsn):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        daemon = Daemon(dsn, "--no-init", "--admin", "none", "--metrics", "tcp:%d:interface=127.0.0.1" % port)
+        try:
+            assert daemon.proc.wait(60) == 1, daemon.output[-3000:]
+        finally:
+            daemon.stop(signal.SIGKILL)
+    daemon.wait_for(r"omni_httpd: error: metrics: cannot listen on tcp:%d:interface=127\.0\.0\.1: " % port)
+    assert "Traceback" not in daemon.output

@@ -45,10 +45,14 @@ def event_fields(event: Dict[str, Any]) -> Dict[str, Any]:
     fields: Dict[str, Any] = {
         "time": _iso(event.get("log_time")),
         "level": level.name if level is not None else "info",
-        "worker": None,
+        # a worker's line that was not JSON (e.g. what it printed before its logging
+        # started) is still the worker's
+        "worker": event.get("worker_slot"),
         "namespace": event.get("log_namespace"),
         "message": formatEvent(event),
     }
+    if fields["worker"] is not None:
+        fields["pid"] = event.get("pid")
     if fields["namespace"] == ACCESS_NAMESPACE:
         fields.update(peer=event.get("peer"), method=event.get("method"), path=event.get("path"),
                       protocol=event.get("protocol"), status=event.get("status"),
