@@ -193,6 +193,35 @@ async def _gauge(base: str, name: str, at_least: float):
 
 
 @pytest_twisted.ensureDeferred
+async def test_in_flight_requests_and_streams_re_sent_to_a_sibling_are_seen(dsn):
+    daemon = start(dsn, "--http-workers", "2")
+    try:
+        base = metrics_url(daemon)
+        wait_reloads(dsn, 1)
+        slow = add_listener(dsn, "SELECT omni_httpd.http_response('slow') FROM pg_sleep(1.5), request")
+        wait_reloads(dsn, 1)
+        port = effective_port(dsn, slow)
+        await until(lambda: get(base + "/ready"), what="/ready 200")
+        before = await scrape(base)
+        # one slow request in flight: seen by the once-a-second sample
+        pending = treq.get("http://127.0.0.1:%d/slow" % port, persistent=False)
+        await until(lambda: _gauge(base, "omni_httpd_requests_in_flight", 1), what="one request in flight")
+        response = await pending
+        assert response.code == 200 and await treq.content(response) == b"slow"
+        # two streams at once on one HTTP/2 connection: the second goes to the idle sibling
+        streams = h2_exchange(port, [("GET", "/slow/a", b""), ("GET", "/slow/b", b"")])
+        assert [s.status for s in streams] == [200, 200]
+        after = await scrape(base)
+        key = ("omni_httpd_http2_streams_redispatched_total", ())
+        assert after[key] - before.get(key, 0) == 1
+        # counted once, by the worker that received them
+        assert requests_count(after, slow, "h2", "2xx") - requests_count(before, slow, "h2", "2xx") == 2
+    finally:
+        code = daemon.stop()
+    assert code == 0, daemon.output[-3000:]
+
+
+@pytest_twisted.ensureDeferred
 async def test_the_endpoint_answers_only_get_of_its_three_paths(dsn):
     daemon = start(dsn, "--http-workers", "1")
     try:
