@@ -408,7 +408,7 @@ def test_counters_survive_a_worker_restart_and_listeners_beyond_the_rows_are_oth
 
 
 def test_json_log_lines_carry_the_text_fields():
-    from twisted.logger import LogLevel, formatEvent  # noqa: F401
+    from twisted.logger import LogLevel
     from twisted.python.failure import Failure
 
     from omni_httpd.common import logformat
