@@ -8,14 +8,13 @@ Response comes back through the same path to the protocol that asked.
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from omni_httpd.common.request import Request
 from omni_httpd.common.response import Response, error_response
-from omni_httpd.common.scoreboard import REDISPATCHED
 
 log = Logger()
 
@@ -25,11 +24,10 @@ def sibling_socket_path(run_dir: str, slot: int) -> str:
 
 
 class Dispatcher:
-    def __init__(self, executor, dbthread, scoreboard, slot: int, run_dir: str, slots: int,
-                 count=None):
+    def __init__(self, executor, dbthread, scoreboard, slot: int, run_dir: str, slots: int):
         self.executor = executor
-        # metrics: SlotCounters.count (streams re-sent to a sibling)
-        self._count = count if count is not None else (lambda index: None)
+        #: metrics (worker/main.py sets it with --metrics): a stream re-sent to a sibling
+        self.count_redispatched: Callable[[], object] = lambda: None
         self.dbthread = dbthread
         self.scoreboard = scoreboard
         self.slot = slot
@@ -66,7 +64,7 @@ class Dispatcher:
         # flag, the scoreboard would show it idle and the next stream would pile onto it
         # instead of going to another idle sibling (or waiting here).
         self.scoreboard.set_busy(slot, True)
-        self._count(REDISPATCHED)
+        self.count_redispatched()
 
         client = self._clients.get(slot)
         if client is None:

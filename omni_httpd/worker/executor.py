@@ -17,7 +17,6 @@ from omni_httpd.common.handler_call import DatabaseUnavailable, HandlerError
 from omni_httpd.common.outcome import ProxyOutcome, response_from_row
 from omni_httpd.common.request import Request
 from omni_httpd.common.response import Response
-from omni_httpd.common.scoreboard import DB_UNAVAILABLE, HANDLER_ERRORS
 from omni_httpd.common.settings import Settings
 
 log = Logger()
@@ -36,18 +35,19 @@ class LocalExecutor:
     """
 
     def __init__(self, dbthread, handler_for_listener: Callable[[int], Optional[int]],
-                 reactor=None, settings: Optional[Settings] = None,
-                 count: Optional[Callable[[int], None]] = None):
+                 reactor=None, settings: Optional[Settings] = None):
         if reactor is None:
             from twisted.internet import reactor
         self._db = dbthread
+        # metrics (worker/main.py sets them with --metrics): handlers that failed (500),
+        # requests answered 503 because the database is away
+        self.count_handler_error: Callable[[], object] = _nothing
+        self.count_unavailable: Callable[[], object] = _nothing
         self._handler_for_listener = handler_for_listener
         self._reactor = reactor
         self._settings = settings if settings is not None else Settings()
         self._unavailable_logged = float("-inf")
         self._unavailable_count = 0
-        # metrics: SlotCounters.count (handler errors, 503s while the database is away)
-        self._count = count if count is not None else (lambda index: None)
 
     def execute(self, request: Request) -> Deferred:
         """Fires with the `Response` for ``request``; never fails, except with
@@ -76,7 +76,7 @@ class LocalExecutor:
         if failure.check(CancelledError):
             return failure      # the caller cancelled: nobody to answer, nothing to log
         if failure.check(DatabaseUnavailable):
-            self._count(DB_UNAVAILABLE)
+            self.count_unavailable()
             # One line per outage burst, not one per request (the DB thread logs the
             # loss and the reconnection itself).
             now = self._reactor.seconds()
@@ -87,7 +87,7 @@ class LocalExecutor:
                 self._unavailable_logged = now
                 self._unavailable_count = 0
             return response.error_response(503, "Service unavailable")
-        self._count(HANDLER_ERRORS)
+        self.count_handler_error()
         if failure.check(HandlerError):
             log.warn("handler {handler_id} failed for {method} {path}: {error}",
                      handler_id=handler_id, method=request.method, path=request.path,
@@ -103,3 +103,7 @@ class LocalExecutor:
         log.failure("building the response for {method} {path}", failure,
                     method=request.method, path=request.path)
         return response.internal_error()
+
+
+def _nothing() -> None:
+    pass

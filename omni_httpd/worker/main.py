@@ -76,11 +76,9 @@ class Worker:
             log.error("cannot connect to the database: {error}", error=str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc))
             self.reactor.callLater(0, self._exit, 3)
             return
-        count = self.counters.count if self.counters is not None else None
-        executor = LocalExecutor(self.dbthread, self.handler_map.get, reactor=self.reactor, settings=settings,
-                                 count=count)
+        executor = LocalExecutor(self.dbthread, self.handler_map.get, reactor=self.reactor, settings=settings)
         self.dispatcher = Dispatcher(executor, self.dbthread, self.scoreboard, self.slot,
-                                     self.run_dir, settings.http_workers, count=count)
+                                     self.run_dir, settings.http_workers)
         path = sibling_socket_path(self.run_dir, self.slot)
         if os.path.exists(path):
             os.unlink(path)
@@ -91,10 +89,23 @@ class Worker:
                                      control.ControlProtocol(self.on_message, self.on_control_lost))
         self.control.send({"type": "ready", "pid": os.getpid()})
         if self.counters is not None:
-            from twisted.internet.task import LoopingCall
-            self._sampler = LoopingCall(self._sample)
-            self._sampler.clock = self.reactor
-            self._sampler.start(SAMPLE_EVERY)
+            self._count_into(self.counters)
+
+    def _count_into(self, counters) -> None:
+        """--metrics: wire the counters (common/scoreboard.py) to what they count."""
+        from functools import partial
+
+        from twisted.internet.task import LoopingCall
+
+        from omni_httpd.common import scoreboard as sb
+
+        executor = self.dispatcher.executor
+        executor.count_handler_error = partial(counters.count, sb.HANDLER_ERRORS)
+        executor.count_unavailable = partial(counters.count, sb.DB_UNAVAILABLE)
+        self.dispatcher.count_redispatched = partial(counters.count, sb.REDISPATCHED)
+        self._sampler = LoopingCall(self._sample)
+        self._sampler.clock = self.reactor
+        self._sampler.start(SAMPLE_EVERY)
 
     def _db_connection_changed(self, connected: bool) -> None:
         from omni_httpd.common.scoreboard import DB_CONNECTED, DB_RECONNECTS
