@@ -87,7 +87,6 @@ class LocalExecutor:
                 self._unavailable_logged = now
                 self._unavailable_count = 0
             return response.error_response(503, "Service unavailable")
-        self.count_handler_error()
         if failure.check(HandlerError):
             log.warn("handler {handler_id} failed for {method} {path}: {error}",
                      handler_id=handler_id, method=request.method, path=request.path,
@@ -95,6 +94,7 @@ class LocalExecutor:
         else:
             log.failure("running handler {handler_id} for {method} {path}", failure,
                         handler_id=handler_id, method=request.method, path=request.path)
+        self.count_handler_error()
         return response.internal_error()
 
     def _bug(self, failure: Failure, request: Request) -> Response:

@@ -37,6 +37,9 @@ class Worker:
         self.dsn = dsn
         self.inherited = {int(k): v for k, v in inherited.items()}
         self.label = "w%d" % slot
+        self.counters = None       # --metrics: common/scoreboard.py's SlotCounters
+        self._sampler = None
+        self._db_was_lost = False
         self.handler_map: Dict[int, int] = {}      # listener id -> handler id
         self.ports: Dict[int, tuple] = {}           # listener id -> (bind_id, port, factory)
         self.control = None
@@ -44,9 +47,6 @@ class Worker:
         self.dispatcher = None
         self.sibling_port = None
         self.stopping = False
-        self.counters = None
-        self._sampler = None
-        self._db_was_lost = False
 
     # -- start-up ---------------------------------------------------------------------------
     async def start(self) -> None:
