@@ -53,6 +53,10 @@ setup(
         "klein>=23.5",
         "argon2-cffi>=23.1",
         "itsdangerous>=2.1",
+        # --metrics: the Prometheus text format, its parser in the tests, and the
+        # master's process figures, from the reference library rather than hand-written
+        # exposition (master/metrics.py).
+        "prometheus_client>=0.17",
     ],
     extras_require={
         "test": [

@@ -445,6 +445,9 @@ def parse_args(argv=None):
     parser.add_argument("--results-dir", default=os.path.join(HERE, "results"))
     parser.add_argument("--venv", default=os.path.join(HERE, ".venv"), help="where the peers are installed")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
+    parser.add_argument("--metrics", default="none", metavar="ENDPOINT",
+                        help="the daemon's --metrics (default none; e.g. tcp:0:interface=127.0.0.1 "
+                             "to measure what counting costs; the peers export nothing)")
     args = parser.parse_args(argv)
     if args.duration is None:
         args.duration = 1 if args.smoke else 10
@@ -507,7 +510,8 @@ def main(argv=None) -> int:
     results = {"timestamp": timestamp, "smoke": args.smoke, "duration": args.duration, "warmup": args.warmup,
                "commit": git_commit(), "cpus": os.cpu_count(), "pg_clients": args.pg_clients,
                "workloads": {w.name: w.title for w in workloads}, "rows": [], "notes": [],
-               "peer_pool": args.peer_pool, "load_start": "%.2f" % os.getloadavg()[0]}
+               "peer_pool": args.peer_pool, "load_start": "%.2f" % os.getloadavg()[0],
+               "daemon_metrics": args.metrics}
     workdir = tempfile.mkdtemp(prefix="omni_httpd_bench_")
     os.chmod(workdir, 0o755)  # the PostgreSQL account and nginx's workers must traverse it
     pg = None
@@ -539,7 +543,7 @@ def main(argv=None) -> int:
                 run_pgbench(group[0], workloads, ctx, find_pgbench(pg.bin_dir), args, results)
                 continue
             if server_kind == "daemon":
-                server = DaemonServer(ctx, workloads)
+                server = DaemonServer(ctx, workloads, metrics=args.metrics)
             elif server_kind == "nginx":
                 server = NginxServer(ctx, w2_response)
             else:

@@ -310,8 +310,9 @@ class DaemonServer(Server):
     handler per workload, plus one listener used to measure reload latency."""
     name = "omni_httpd"
 
-    def __init__(self, ctx, workloads: List[Workload], workers: int = 2):
+    def __init__(self, ctx, workloads: List[Workload], workers: int = 2, metrics: str = "none"):
         self.ctx, self.workloads, self.workers = ctx, workloads, workers
+        self.metrics = metrics
         self.listener_ids: Dict[str, int] = {}
         self.ports: Dict[str, int] = {}
         self.reload_handler_id: Optional[int] = None
@@ -326,7 +327,7 @@ class DaemonServer(Server):
         argv = [twistd, "-n", "--pidfile", os.path.join(self.ctx.workdir, "twistd.pid"), "omni_httpd",
                 "--dsn", self.ctx.dsn, "--http-workers", str(self.workers), "--no-init", "--admin", "none",
                 # like the peers (uvicorn --no-access-log, nginx access_log off)
-                "--no-access-log"]
+                "--no-access-log", "--metrics", self.metrics]
         # the same omni_httpd (and its twisted/plugins) as this process, installed or not
         import omni_httpd
         root = os.path.dirname(os.path.dirname(os.path.abspath(omni_httpd.__file__)))

@@ -28,6 +28,10 @@ class Daemon:
     def __init__(self, dsn: Optional[str], *args: str, env: Optional[dict] = None,
                  python: Optional[str] = None):
         argv = list(args)
+        if "--metrics" not in argv:
+            # Many daemons run at once in the tests: only the metrics tests serve it
+            # (on a free port, tests/test_metrics.py).
+            argv = ["--metrics", "none"] + argv
         if dsn is not None:
             argv = ["--dsn", dsn] + argv
         self.argv = twistd_argv(*argv, python=python)

@@ -50,6 +50,9 @@ class Settings:
     handler_timeout: float = 30.0              # statement_timeout for handlers, 0 = none
     handler_lock_timeout: float = 5.0          # lock_timeout for handlers, 0 = none
     access_log: bool = True
+    # the master's /live, /ready and /metrics (master/metrics.py); None: not served
+    metrics: Optional[str] = "tcp:9187:interface=127.0.0.1"
+    log_format: str = "text"                   # or "json" (common/logformat.py)
     # Trust X-Forwarded-For / Forwarded (and X-Forwarded-Proto/-Host) sent by the client:
     # only when every client reaches us through a proxy that sets them.
     trust_forwarded: bool = False

@@ -75,8 +75,17 @@ class WorkerProcess(ProcessProtocol):
         level, sep, message = text.partition("|")
         if not sep or level not in _LEVELS:
             level, message = "info", text
+        relayed = None
+        if message.startswith("{") and self.fleet.settings.log_format == "json":
+            # --log-format json: the worker's event as an object (common/logformat.py)
+            try:
+                relayed = json.loads(message)
+                message = str(relayed.get("message", ""))
+            except ValueError:
+                relayed = None
         log.emit(_LEVELS[level], "[worker {slot} pid {pid}] {message}",
-                 slot=self.slot, pid=self.pid, message=message, worker_slot=self.slot)
+                 slot=self.slot, pid=self.pid, message=message, worker_slot=self.slot,
+                 omni_httpd_worker_event=relayed)
 
     def processEnded(self, reason) -> None:
         for fd in (1, 2):

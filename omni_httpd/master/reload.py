@@ -8,7 +8,8 @@ handler-only changes never restart a worker.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+import time
+from typing import Callable, Dict, List, Optional, Tuple
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -36,6 +37,10 @@ class Reloader:
         self._running = False
         self._pending = False
         self._started = False
+        #: metrics: called with the seconds from the first request to applied (None: not
+        #: requested, the first start's) each time a generation is applied by all workers
+        self.on_applied: Callable[[Optional[float]], object] = lambda seconds: None
+        self._requested_at: Optional[float] = None
 
     # -- what the fleet asks for ----------------------------------------------------------
     def listener_fds(self, slot: int) -> Dict[int, int]:
@@ -73,6 +78,8 @@ class Reloader:
 
     def request(self) -> None:
         """Ask for a reload; several requests while one runs make one more reload."""
+        if self._requested_at is None:
+            self._requested_at = time.monotonic()
         if self._running or not self._started:
             self._pending = True
             return
@@ -101,13 +108,19 @@ class Reloader:
         finally:
             self._running = False
 
-    @defer.inlineCallbacks
-    def reload_once(self):
-        yield self.load()
-        yield self.apply()
+    @property
+    def reloading(self) -> bool:
+        """A reload is running or requested."""
+        return self._running or self._pending
 
     @defer.inlineCallbacks
-    def apply(self):
+    def reload_once(self):
+        requested, self._requested_at = self._requested_at, None
+        yield self.load()
+        yield self.apply(requested)
+
+    @defer.inlineCallbacks
+    def apply(self, requested_at: Optional[float] = None):
         """Push the current configuration as a new generation and record it when applied."""
         self.generation += 1
         generation = self.generation
@@ -115,6 +128,7 @@ class Reloader:
         yield self.db.runOperation(queries.RECORD_RELOAD)
         rows = yield self.db.runQuery(queries.LAST_RELOAD)
         self.last_reload = rows[0][0] if rows else None
+        self.on_applied(None if requested_at is None else time.monotonic() - requested_at)
         log.info("configuration generation {generation} applied by all workers: {summary}",
                  generation=generation, summary=self.summary())
 

@@ -62,6 +62,8 @@ class MasterService(service.MultiService):
         self.run_dir: Optional[str] = None
         self.worker_account: Optional[privileges.Account] = None
         self.admin_port = None
+        self.metrics = None           # master/metrics.py's MasterMetrics, with --metrics
+        self.metrics_port = None
         self.ready = defer.Deferred()
         self._failed = False
         self._stopping = False
@@ -79,8 +81,21 @@ class MasterService(service.MultiService):
         if self._stopping:
             raise _Interrupted()
 
+    def setServiceParent(self, parent) -> None:
+        super().setServiceParent(parent)
+        if self.settings.log_format == "json" and hasattr(parent, "setComponent"):
+            # twistd's logging starts after this and takes the application's observer
+            # over its own text one (twisted.application.app.AppLogger.start).
+            from twisted.logger import ILogObserver
+
+            from omni_httpd.common.logformat import json_observer
+            parent.setComponent(ILogObserver, json_observer(sys.stdout))
+
     async def _start(self) -> None:
         settings = self.settings
+        # First, so that /live answers (and /ready says "starting") during start-up.
+        await self._start_metrics()
+        self._step_done()
         if self.dsn is None:
             self.embedded = EmbeddedPostgres(settings.data_dir)
             try:
@@ -109,6 +124,8 @@ class MasterService(service.MultiService):
         self.scoreboard = Scoreboard(os.path.join(self.run_dir, "scoreboard"), settings.http_workers, create=True)
         privileges.hand_over([self.run_dir, self.scoreboard.path], self.worker_account)
         self.reloader = Reloader(settings, self.db, settings.http_workers)
+        if self.metrics is not None:
+            self.reloader.on_applied = self.metrics.reload_applied
         # LISTEN before the first read, so no change can fall between the two; changes
         # notified during start-up make one more reload once the first is applied.
         self.db.addNotifyObserver(self._notified)
@@ -196,6 +213,8 @@ class MasterService(service.MultiService):
 
     def _database_recovered(self):
         log.info("database connection recovered; listening again and reloading")
+        if self.metrics is not None:
+            self.metrics.master_reconnects.inc()
         d = self.db.runOperation(queries.LISTEN)
         d.addCallback(lambda _: self.reloader.request())
         d.addErrback(lambda f: log.error("after reconnecting: {error}", error=one_line(f.value)))
@@ -204,6 +223,23 @@ class MasterService(service.MultiService):
     def _notified(self, notify) -> None:
         if notify.channel == queries.NOTIFY_CHANNEL and self.reloader is not None:
             self.reloader.request()
+
+    async def _start_metrics(self) -> None:
+        if not self.settings.metrics:
+            return
+        from twisted.internet import endpoints
+
+        from omni_httpd.master import metrics
+
+        self.metrics = metrics.MasterMetrics(self)
+        endpoint = endpoints.serverFromString(self.reactor, self.settings.metrics)
+        try:
+            self.metrics_port = await endpoint.listen(metrics.site(self, self.metrics.registry))
+        except Exception as exc:
+            raise StartupError("metrics: cannot listen on %s: %s" % (self.settings.metrics, one_line(exc)))
+        address = self.metrics_port.getHost()
+        log.info("metrics and probes listening on http://{host}:{port}/ (/live, /ready, /metrics)",
+                 host=getattr(address, "host", ""), port=getattr(address, "port", ""))
 
     async def _start_admin(self) -> None:
         if not self.settings.admin:
@@ -287,12 +323,15 @@ class MasterService(service.MultiService):
             except Exception:
                 pass
         if self.scoreboard is not None:
-            self.scoreboard.close()
+            board, self.scoreboard = self.scoreboard, None   # a scrape now reads no closed map
+            board.close()
         if self.run_dir is not None:
             shutil.rmtree(self.run_dir, ignore_errors=True)
         if self.embedded is not None:
             await threads.deferToThread(self.embedded.stop)
             log.info("embedded PostgreSQL stopped")
+        if self.metrics_port is not None:
+            await self.metrics_port.stopListening()
         if not self._failed:
             # twistd re-raises the signal that stopped the reactor (the process would end
             # "killed by SIGTERM"); an orderly shutdown is a success: exit status 0.

@@ -105,6 +105,14 @@ def _endpoint(raw: str) -> Optional[str]:
     return raw
 
 
+def _log_format(raw: str) -> str:
+    from omni_httpd.common.logformat import FORMATS
+    value = raw.strip().lower()
+    if value not in FORMATS:
+        raise ValueError("expected one of %s, got %r" % (", ".join(FORMATS), raw))
+    return value
+
+
 def _readable_file(raw: str) -> str:
     path = os.path.abspath(os.path.expanduser(_text(raw)))
     try:
@@ -244,6 +252,12 @@ PARAMETERS: Dict[str, Tuple[str, Callable[[str], Any], str]] = {
                             % _DEFAULTS.init_listen_address),
     "admin": ("admin", _endpoint,
               "Admin console endpoint, or 'none' to disable it. Default: %s." % _DEFAULTS.admin),
+    "metrics": ("metrics", _endpoint,
+                "Endpoint of the master's /live, /ready and /metrics (Prometheus), or 'none'. "
+                "Unauthenticated: keep it on a private interface. Default: %s." % _DEFAULTS.metrics),
+    "log-format": ("log_format", _log_format,
+                   "Log lines as 'text' or 'json' (one object per line, workers' lines "
+                   "included). Default: text."),
     "admin-host": ("admin_hosts", _host_names,
                    "Another name the admin console is reached by (e.g. a reverse proxy's), "
                    "repeatable or comma-separated. Requests with any other Host get 421."),

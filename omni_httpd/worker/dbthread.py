@@ -123,6 +123,8 @@ class DBThread:
         self._state = "new"          # new -> running -> stopping -> stopped
         self._busy = False
         self._busy_hooks: List[Callable[[bool], object]] = []
+        #: metrics: called with True when a connection is ready, False when it is lost
+        self.on_connection_change: Callable[[bool], object] = lambda connected: None
         self._reconnecting = False
         self._reconnect_call = None
         self._connecting: Optional[Deferred] = None
@@ -161,6 +163,7 @@ class DBThread:
 
         def done(outcome):
             self._connecting = None
+            self.on_connection_change(not isinstance(outcome, Failure))
             if isinstance(outcome, Failure) and keep_trying and self._state == "running":
                 log.warn("cannot connect to the database ({error}); answering 503 and "
                          "reconnecting", error=" ".join(outcome.getErrorMessage().split()))
@@ -539,6 +542,7 @@ class DBThread:
         if self._state != "running" or self._reconnecting:
             return
         log.warn("database connection lost; reconnecting")
+        self.on_connection_change(False)
         self._reconnecting = True
         self._delay = 0.0
         self._try_reconnect()
@@ -553,6 +557,7 @@ class DBThread:
     def _reconnected(self, errors: Dict[int, str]) -> None:
         self._connecting = None
         self._reconnecting = False
+        self.on_connection_change(True)
         log.info("database connection re-established ({count} handler install errors)",
                  count=len(errors))
 

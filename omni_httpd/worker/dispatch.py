@@ -8,7 +8,7 @@ Response comes back through the same path to the protocol that asked.
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -26,6 +26,8 @@ def sibling_socket_path(run_dir: str, slot: int) -> str:
 class Dispatcher:
     def __init__(self, executor, dbthread, scoreboard, slot: int, run_dir: str, slots: int):
         self.executor = executor
+        #: metrics (worker/main.py sets it with --metrics): a stream re-sent to a sibling
+        self.count_redispatched: Callable[[], object] = lambda: None
         self.dbthread = dbthread
         self.scoreboard = scoreboard
         self.slot = slot
@@ -62,6 +64,7 @@ class Dispatcher:
         # flag, the scoreboard would show it idle and the next stream would pile onto it
         # instead of going to another idle sibling (or waiting here).
         self.scoreboard.set_busy(slot, True)
+        self.count_redispatched()
 
         client = self._clients.get(slot)
         if client is None:

@@ -39,6 +39,10 @@ class LocalExecutor:
         if reactor is None:
             from twisted.internet import reactor
         self._db = dbthread
+        # metrics (worker/main.py sets them with --metrics): handlers that failed (500),
+        # requests answered 503 because the database is away
+        self.count_handler_error: Callable[[], object] = _nothing
+        self.count_unavailable: Callable[[], object] = _nothing
         self._handler_for_listener = handler_for_listener
         self._reactor = reactor
         self._settings = settings if settings is not None else Settings()
@@ -72,6 +76,7 @@ class LocalExecutor:
         if failure.check(CancelledError):
             return failure      # the caller cancelled: nobody to answer, nothing to log
         if failure.check(DatabaseUnavailable):
+            self.count_unavailable()
             # One line per outage burst, not one per request (the DB thread logs the
             # loss and the reconnection itself).
             now = self._reactor.seconds()
@@ -89,6 +94,7 @@ class LocalExecutor:
         else:
             log.failure("running handler {handler_id} for {method} {path}", failure,
                         handler_id=handler_id, method=request.method, path=request.path)
+        self.count_handler_error()
         return response.internal_error()
 
     def _bug(self, failure: Failure, request: Request) -> Response:
@@ -97,3 +103,7 @@ class LocalExecutor:
         log.failure("building the response for {method} {path}", failure,
                     method=request.method, path=request.path)
         return response.internal_error()
+
+
+def _nothing() -> None:
+    pass

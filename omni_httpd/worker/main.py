@@ -22,6 +22,8 @@ from omni_httpd.common.settings import Settings
 log = Logger()
 
 CONTROL_FD = 3
+#: seconds between two samples of the open connections and in-flight requests gauges
+SAMPLE_EVERY = 1.0
 _observers: List["StderrLog"] = []
 
 
@@ -35,6 +37,9 @@ class Worker:
         self.dsn = dsn
         self.inherited = {int(k): v for k, v in inherited.items()}
         self.label = "w%d" % slot
+        self.counters = None       # --metrics: common/scoreboard.py's SlotCounters
+        self._sampler = None
+        self._db_was_lost = False
         self.handler_map: Dict[int, int] = {}      # listener id -> handler id
         self.ports: Dict[int, tuple] = {}           # listener id -> (bind_id, port, factory)
         self.control = None
@@ -56,10 +61,15 @@ class Worker:
 
         settings = self.settings
         self.scoreboard = Scoreboard(os.path.join(self.run_dir, "scoreboard"), settings.http_workers)
+        if settings.metrics:
+            # Without --metrics nobody reads the counters: nothing is counted.
+            self.counters = self.scoreboard.writer(self.slot)
         self.dbthread = DBThread(self.dsn, reactor=self.reactor, handler_timeout=settings.handler_timeout,
                                  lock_timeout=settings.handler_lock_timeout,
                                  application_name="omni_httpd worker %d" % self.slot)
         self.dbthread.on_busy_change(lambda busy: self.scoreboard.set_busy(self.slot, busy))
+        if self.counters is not None:
+            self.dbthread.on_connection_change = self._db_connection_changed
         try:
             # A worker (re)started while the database is away serves anyway: its requests
             # get 503 at once instead of waiting in a socket no process reads.
@@ -84,6 +94,44 @@ class Worker:
         self.control = control.adopt(self.reactor, CONTROL_FD,
                                      control.ControlProtocol(self.on_message, self.on_control_lost))
         self.control.send({"type": "ready", "pid": os.getpid()})
+        if self.counters is not None:
+            self._count_into(self.counters)
+
+    def _count_into(self, counters) -> None:
+        """--metrics: wire the counters (common/scoreboard.py) to what they count."""
+        from functools import partial
+
+        from twisted.internet.task import LoopingCall
+
+        from omni_httpd.common import scoreboard as sb
+
+        executor = self.dispatcher.executor
+        executor.count_handler_error = partial(counters.count, sb.HANDLER_ERRORS)
+        executor.count_unavailable = partial(counters.count, sb.DB_UNAVAILABLE)
+        self.dispatcher.count_redispatched = partial(counters.count, sb.REDISPATCHED)
+        self._sampler = LoopingCall(self._sample)
+        self._sampler.clock = self.reactor
+        self._sampler.start(SAMPLE_EVERY)
+
+    def _db_connection_changed(self, connected: bool) -> None:
+        from omni_httpd.common.scoreboard import DB_CONNECTED, DB_RECONNECTS
+        if connected and self._db_was_lost:
+            self.counters.count(DB_RECONNECTS)
+        self._db_was_lost = self._db_was_lost or not connected
+        self.counters.set(DB_CONNECTED, 1 if connected else 0)
+
+    def _sample(self) -> None:
+        """Metrics gauges, sampled: no cost per connection or request."""
+        from omni_httpd.common.scoreboard import IN_FLIGHT, OPEN_CONNECTIONS
+        connections = in_flight = 0
+        for _bind_id, _port, factory in self.ports.values():
+            connections += len(factory.connections)
+            for connection in factory.connections:
+                protocol = connection.protocol
+                if protocol is not None:
+                    in_flight += protocol.in_flight()
+        self.counters.set(OPEN_CONNECTIONS, connections)
+        self.counters.set(IN_FLIGHT, in_flight)
 
     def _exit(self, code: int) -> None:
         for observer in _observers:
@@ -175,8 +223,13 @@ class Worker:
         from omni_httpd.worker.http.context import ListenerContext
 
         scheme = entry["protocol"]
+        recorders = {}
+        if self.counters is not None:
+            recorders = dict(record_h1=self.counters.recorder(entry["id"], 0),
+                             record_h2=self.counters.recorder(entry["id"], 1))
         factory = ServerFactory(ListenerContext(self.dispatch, self.settings, entry["id"],
-                                                scheme, clock=self.reactor, worker_label=self.label))
+                                                scheme, clock=self.reactor, worker_label=self.label,
+                                                **recorders))
         factory.noisy = False
         served = factory
         if scheme == "https":
@@ -199,6 +252,8 @@ class Worker:
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (bounded), close the database."""
         self.stopping = True
+        if self._sampler is not None and self._sampler.running:
+            self._sampler.stop()
         factories = [factory for _bind_id, _port, factory in self.ports.values()]
         for _bind_id, port, _factory in self.ports.values():
             await port.stopListening()
@@ -237,8 +292,10 @@ class StderrLog:
     FLUSH_EVERY = 0.05
     MAX_BUFFER = 64 * 1024
 
-    def __init__(self, stream=None):
+    def __init__(self, stream=None, json_lines: bool = False):
         self.stream = stream if stream is not None else sys.stderr
+        # --log-format json: each event is one `level|{json}` line (common/logformat.py)
+        self.json_lines = json_lines
         self.reactor = None
         self._buffer: List[str] = []
         self._size = 0
@@ -246,13 +303,17 @@ class StderrLog:
 
     def __call__(self, event) -> None:
         try:
-            text = formatEvent(event)
-            failure = event.get("log_failure")
-            if failure is not None:
-                text = text + "\n" + failure.getTraceback()
             level = event.get("log_level")
             name = level.name if level is not None else "info"
-            chunk = "".join("%s|%s\n" % (name, line) for line in text.splitlines() or [""])
+            if self.json_lines:
+                from omni_httpd.common.logformat import json_line
+                chunk = "%s|%s\n" % (name, json_line(event))
+            else:
+                text = formatEvent(event)
+                failure = event.get("log_failure")
+                if failure is not None:
+                    text = text + "\n" + failure.getTraceback()
+                chunk = "".join("%s|%s\n" % (name, line) for line in text.splitlines() or [""])
             self._buffer.append(chunk)
             self._size += len(chunk)
             if name not in ("debug", "info") or self.reactor is None or self._size > self.MAX_BUFFER:
@@ -303,7 +364,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     settings = Settings(**json.loads(os.environ.get("OMNI_HTTPD_WORKER_SETTINGS", "{}")))
     dsn = os.environ["OMNI_HTTPD_WORKER_DSN"]
-    observer = StderrLog()
+    observer = StderrLog(json_lines=settings.log_format == "json")
     _observers.append(observer)
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 

@@ -188,6 +188,7 @@ class HTTP1Protocol(Protocol):
         self._max_head = settings.max_header_size
         self._max_buffered = settings.max_pipeline_bytes
         self._access_log = settings.access_log
+        self._record = context.record_h1
         self._header_timeout = settings.header_timeout or 0
         self._body_timeout = settings.body_timeout or 0
         self._idle_timeout = settings.idle_timeout or 0
@@ -717,10 +718,15 @@ class HTTP1Protocol(Protocol):
             streaming[1].close()
 
     def _log(self, entry: _Pending, status: int, sent: int) -> None:
+        duration = self._clock.seconds() - entry.started
+        self._record(status, duration)
         if self._access_log:
             log_access(entry.request, entry.method, entry.target, status, sent,
-                        self._clock.seconds() - entry.started, self._worker_label,
-                        "HTTP/" + entry.version)
+                        duration, self._worker_label, "HTTP/" + entry.version)
+
+    def in_flight(self) -> int:
+        """Requests received on this connection and not answered yet (metrics)."""
+        return len(self._queue)
 
     # -- errors and closing --------------------------------------------------------------------------
     def _fail(self, status: int, message: str) -> None:

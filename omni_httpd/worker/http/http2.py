@@ -233,6 +233,7 @@ class HTTP2Protocol(Protocol):
         self.scheme = context.scheme
         self.clock = context.clock
         self.worker_label = context.worker_label
+        self._record = context.record_h2
         self.peer = ""
         self.h2 = H2Connection(config=_H2_CONFIG)
         self.streams: Dict[int, _Stream] = {}
@@ -823,11 +824,16 @@ class HTTP2Protocol(Protocol):
         self._close_if_done()
 
     def _log_access(self, stream: _Stream) -> None:
+        duration = self.clock.seconds() - stream.started
+        self._record(stream.status, duration)
         if not self.settings.access_log:
             return
         log_access(stream.request, stream.method, stream.target, stream.status,
-                    stream.sent, self.clock.seconds() - stream.started,
-                    self.worker_label, "HTTP/2")
+                    stream.sent, duration, self.worker_label, "HTTP/2")
+
+    def in_flight(self) -> int:
+        """Streams of this connection not answered yet (metrics)."""
+        return len(self.streams)
 
     # -- writing, closing, timers ------------------------------------------------------
 
