@@ -321,42 +321,36 @@ def _failure(pgconn: pq.abc.PGconn, res: Optional[pq.abc.PGresult]) -> Exception
 CallOutcome = Union[Optional[HandlerRow], Exception]
 
 
-def call_pipelined(conn: psycopg.Connection, calls: Sequence[Tuple[Installed, Request]],
-                   own_objects: int) -> List[CallOutcome]:
-    """Run several handler calls in one go (libpq pipeline mode); one outcome each.
+def call_pipelined(conn: psycopg.Connection,
+                   calls: Sequence[Tuple[bytes, List[Optional[bytes]]]]) -> List[CallOutcome]:
+    """Run several prepared calls ((statement, binary parameters) pairs) in one go
+    (libpq pipeline mode); one outcome each, as `call` would have it.
 
     Every call is still a statement and a transaction of its own (each is followed by a
     Sync), with its own result or error; a failing call does not affect the others. All
     of them are sent before the first result is read, so the server goes from one to the
     next without waiting for us, and we wake up once per batch rather than per call.
-    The handler function cleans the session up itself, on failure too, so what one call
-    leaves behind never reaches the next (sql/013_pipelining.sql). The caller keeps the
-    batch small enough for its requests to fit the socket buffers (`send_all` reads what
-    the server answers meanwhile, so neither side can block the other for good).
+    The handler and route functions clean the session up themselves, on failure too, so
+    what one call leaves behind never reaches the next (sql/012_pipelining.sql). The
+    caller keeps the batch small enough for its requests to fit the socket buffers
+    (`send_all` reads what the server answers meanwhile, so neither side can block the
+    other for good).
 
     A `DatabaseUnavailable` outcome means the connection is gone: it is the outcome of
     that call and of every call after it. No cleanup after a failure is done here.
     """
     pgconn = conn.pgconn
-    outcomes: List[CallOutcome] = []
-    sent: List[int] = []
+    outcomes: List[CallOutcome] = [None] * len(calls)
     read = 0
     pgconn.enter_pipeline_mode()
     try:
-        for installed, request in calls:
-            try:
-                values = parameters(request, own_objects)
-            except HandlerError as exc:
-                outcomes.append(exc)
-                continue
-            sent.append(len(outcomes))
-            outcomes.append(None)
-            pgconn.send_query_prepared(installed.statement, values, _BINARY, 1)
+        for statement, values in calls:
+            pgconn.send_query_prepared(statement, values, [1] * len(values), 1)
             pgconn.pipeline_sync()
         send_all(pgconn)
-        for index in sent:
+        while read < len(calls):
             res = _pipelined_result(pgconn)
-            read += 1
+            index, read = read, read + 1
             if res is not None and res.status == pq.ExecStatus.TUPLES_OK:
                 outcomes[index] = read_row(res)
                 continue
@@ -368,12 +362,12 @@ def call_pipelined(conn: psycopg.Connection, calls: Sequence[Tuple[Installed, Re
         # libpq could not send or read: the connection broke under us.
         failure = DatabaseUnavailable(str(exc).strip() or "the database connection ended")
     else:
-        if read == len(sent):
+        if read == len(calls):
             if pgconn.status == pq.ConnStatus.OK:
                 pgconn.exit_pipeline_mode()
             return outcomes
     # Every call whose result was not read shares the fate of the connection.
-    for index in sent[read:]:
+    for index in range(read, len(calls)):
         outcomes[index] = failure
     return outcomes
 

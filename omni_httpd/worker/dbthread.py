@@ -375,15 +375,19 @@ class DBThread:
             return [(d, False, gone) for _args, d in batch]
         results = []
         calls, waiting = [], []
+        own_objects = len(self._installed)
         for (handler_id, request), d in batch:
             installed = self._installed.get(handler_id)
-            if installed is None:
-                results.append((d, False, HandlerError(self._broken.get(handler_id)
-                                                       or "handler %d is not installed" % handler_id)))
+            try:
+                if installed is None:
+                    raise HandlerError(self._broken.get(handler_id)
+                                       or "handler %d is not installed" % handler_id)
+                calls.append((installed.statement, handler_call.parameters(request, own_objects)))
+            except HandlerError as exc:
+                results.append((d, False, exc))
                 continue
-            calls.append((installed, request))
             waiting.append(((handler_id, request), d))
-        outcomes = handler_call.call_pipelined(conn, calls, len(self._installed))
+        outcomes = handler_call.call_pipelined(conn, calls)
         again = []
         failed = lost = False
         for (args, d), outcome in zip(waiting, outcomes):
