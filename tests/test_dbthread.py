@@ -471,3 +471,72 @@ async def test_executor_proxies(make_db):
     finally:
         await proxy.close(reactor)
         await port.stopListening()
+
+
+# -- pipelining ----------------------------------------------------------------------------
+
+async def queued_behind_a_gate(db, requests):
+    """Queue ``requests`` ((handler id, Request) pairs) while the DB thread is held, so
+    that they reach it together (one pipeline); their outcomes, in order, as
+    (True, row) or (False, exception)."""
+    gate = threading.Event()
+    blocked = db.submit(gate.wait, 10)
+    pending = [db.run(handler_id, request) for handler_id, request in requests]
+    gate.set()
+    await blocked
+    results = await DeferredList(pending, consumeErrors=True)
+    return [(ok, value if ok else value.value) for ok, value in results]
+
+
+@pytest_twisted.ensureDeferred
+async def test_pipelined_requests_each_have_their_own_transaction_and_outcome(make_db, dsn):
+    sql(dsn, "CREATE TABLE hits (path text)")
+    query = ("INSERT INTO hits SELECT request.path FROM request "
+             "RETURNING omni_httpd.http_response((10 / (length(path) - 1))::text)")
+    db = await started(make_db, {1: (query, "postgres"), 2: (respond("'two'"), "postgres")})
+    paths = ["/a", "/", "/abc", "/", "/ab"]
+    requests = [(1, get(p)) for p in paths] + [(2, get("/x")), (3, get("/nobody"))]
+    outcomes = await queued_behind_a_gate(db, requests)
+
+    bodies = [value[4] if ok else type(value).__name__ for ok, value in outcomes]
+    assert bodies == [b"10", "HandlerError", b"3", "HandlerError", b"5", b"two", "HandlerError"]
+    assert "division by zero" in str(outcomes[1][1])
+    assert "not installed" in str(outcomes[6][1])
+    # What succeeded is committed, what failed rolled back, whatever its neighbours did.
+    assert sql(dsn, "SELECT path FROM hits ORDER BY path") == [("/a",), ("/ab",), ("/abc",)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_request_leaves_nothing_to_the_next_one_in_its_pipeline(make_db, make_role):
+    """Session advisory locks, SQL prepared statements and sequence state survive a
+    rolled-back transaction: a pipelined request that takes them and then fails must not
+    hand them to the request sent right behind it (another role's)."""
+    attacker, victim = make_role(), make_role()
+    # Takes the lock, changes a setting, then fails (at run time: not a number).
+    leave = ("SELECT omni_httpd.http_response(CASE WHEN pg_try_advisory_lock(42) AND "
+             "set_config('work_mem', '77kB', false) IS NOT NULL "
+             "THEN ('x' || pg_backend_pid())::int::text END) FROM request")
+    look = respond("(SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                   "AND pid = pg_backend_pid())::text || ' ' || current_setting('work_mem')")
+    db = await started(make_db, {1: (leave, attacker), 2: (look, victim)})
+    baseline = (await db.run(2, get()))[4]
+    assert baseline.startswith(b"0 ")
+    outcomes = await queued_behind_a_gate(db, [(1, get("/")), (2, get()), (1, get("/")), (2, get())])
+    assert [ok for ok, _ in outcomes] == [False, True, False, True]
+    assert outcomes[1][1][4] == outcomes[3][1][4] == baseline
+    await db.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_temporary_objects_left_in_a_pipeline_do_not_reach_the_requests_behind(make_db, dsn):
+    sql(dsn, "CREATE FUNCTION public.make_temp() RETURNS text LANGUAGE plpgsql AS "
+             "$$ BEGIN CREATE TEMP TABLE left_behind (x int); RETURN 'made'; END $$")
+    db = await started(make_db, {
+        1: (respond("public.make_temp()"), "postgres"),
+        2: (respond("(SELECT count(*) FROM pg_class WHERE relname = 'left_behind')::text"), "postgres"),
+    })
+    outcomes = await queued_behind_a_gate(db, [(1, get()), (2, get()), (2, get()), (1, get())])
+    # The ones behind found the session dirty before anything of theirs ran, and ran
+    # again after the reset; the second make_temp could only succeed in a clean session.
+    assert [(ok, value[4] if ok else str(value)) for ok, value in outcomes] == [
+        (True, b"made"), (True, b"0"), (True, b"0"), (True, b"made")]

@@ -18,9 +18,10 @@ handler exactly the same way (docs/architecture.md, "Executing a handler"):
 """
 from __future__ import annotations
 
+import select
 import struct
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import psycopg
 from psycopg import pq, sql
@@ -297,15 +298,111 @@ def call(conn: psycopg.Connection, installed: Installed, request: Request,
     res = pgconn.exec_prepared(installed.statement, parameters(request, own_objects), _BINARY, 1)
     if res.status == pq.ExecStatus.TUPLES_OK:
         return read_row(res)
+    failure = _failure(pgconn, res)
+    if clean_after_failure and isinstance(failure, HandlerError):
+        after_failure(conn)
+    raise failure
+
+
+def _failure(pgconn: pq.abc.PGconn, res: Optional[pq.abc.PGresult]) -> Exception:
+    """What a call's result that is no row means: the exception to raise."""
+    if res is None:
+        return DatabaseUnavailable("the database connection ended")
     if pgconn.status == pq.ConnStatus.BAD:
-        raise DatabaseUnavailable(result_error_text(res))
+        return DatabaseUnavailable(result_error_text(res))
     sqlstate = res.error_field(pq.DiagnosticField.SQLSTATE)
     if sqlstate in DIRTY_STATES:
-        raise SessionDirty(result_error_text(res))
-    message = result_error_text(res)
-    if clean_after_failure:
-        after_failure(conn)
-    raise HandlerError(message, sqlstate.decode() if sqlstate else None)
+        return SessionDirty(result_error_text(res))
+    return HandlerError(result_error_text(res), sqlstate.decode() if sqlstate else None)
+
+
+#: A call's outcome in `call_pipelined`: the handler row (None: no row), or the
+#: exception `call` would have raised.
+CallOutcome = Union[Optional[HandlerRow], Exception]
+
+
+def call_pipelined(conn: psycopg.Connection,
+                   calls: Sequence[Tuple[bytes, List[Optional[bytes]]]]) -> List[CallOutcome]:
+    """Run several prepared calls ((statement, binary parameters) pairs) in one go
+    (libpq pipeline mode); one outcome each, as `call` would have it.
+
+    Every call is still a statement and a transaction of its own (each is followed by a
+    Sync), with its own result or error; a failing call does not affect the others. All
+    of them are sent before the first result is read, so the server goes from one to the
+    next without waiting for us, and we wake up once per batch rather than per call.
+    The handler and route functions clean the session up themselves, on failure too, so
+    what one call leaves behind never reaches the next (sql/012_pipelining.sql). The
+    caller keeps the batch small enough for its requests to fit the socket buffers
+    (`send_all` reads what the server answers meanwhile, so neither side can block the
+    other for good).
+
+    A `DatabaseUnavailable` outcome means the connection is gone: it is the outcome of
+    that call and of every call after it. No cleanup after a failure is done here.
+    """
+    pgconn = conn.pgconn
+    outcomes: List[CallOutcome] = [None] * len(calls)
+    read = 0
+    pgconn.enter_pipeline_mode()
+    try:
+        for statement, values in calls:
+            pgconn.send_query_prepared(statement, values, [1] * len(values), 1)
+            pgconn.pipeline_sync()
+        send_all(pgconn)
+        while read < len(calls):
+            res = _pipelined_result(pgconn)
+            index, read = read, read + 1
+            if res is not None and res.status == pq.ExecStatus.TUPLES_OK:
+                outcomes[index] = read_row(res)
+                continue
+            failure = _failure(pgconn, res)
+            outcomes[index] = failure
+            if isinstance(failure, DatabaseUnavailable):
+                break
+    except psycopg.Error as exc:
+        # libpq could not send or read: the connection broke under us.
+        failure = DatabaseUnavailable(str(exc).strip() or "the database connection ended")
+    else:
+        if read == len(calls):
+            if pgconn.status == pq.ConnStatus.OK:
+                pgconn.exit_pipeline_mode()
+            return outcomes
+    # Every call whose result was not read shares the fate of the connection.
+    for index in range(read, len(calls)):
+        outcomes[index] = failure
+    return outcomes
+
+
+def _pipelined_result(pgconn: pq.abc.PGconn) -> Optional[pq.abc.PGresult]:
+    """The result of the next call in the pipeline, read up to and including its Sync.
+
+    None when the connection ended (or fell out of step) before the call's result came.
+    """
+    result = None
+    ended = 0
+    while True:
+        res = pgconn.get_result()
+        if res is None:
+            ended += 1
+            if ended > 1 or pgconn.status == pq.ConnStatus.BAD:
+                return None
+            continue     # the end of the call's results: its Sync comes next
+        ended = 0
+        if res.status == pq.ExecStatus.PIPELINE_SYNC:
+            return result
+        if result is None:
+            result = res
+
+
+def send_all(pgconn: pq.abc.PGconn) -> None:
+    """Flush what libpq holds for the server, reading its answers while we wait.
+
+    Without the reading, a server blocked on writing results to us while we are blocked
+    on writing requests to it would wait forever.
+    """
+    while pgconn.flush() == 1:
+        readable, _w, _x = select.select([pgconn.socket], [pgconn.socket], [])
+        if readable:
+            pgconn.consume_input()
 
 
 def after_failure(conn: psycopg.Connection) -> None:

@@ -53,6 +53,13 @@ FLUSH_COUNT = 64
 #: hold a finished response behind a long queue.
 FLUSH_AGE = 0.002
 
+#: Requests sent to PostgreSQL in one pipeline at most (each still its own statement and
+#: transaction; see handler_call.call_pipelined)...
+PIPELINE_MAX = 32
+#: ...and the most their bodies and headers may add up to (bytes): a pipeline is sent
+#: whole before its first result is read. A larger request goes alone.
+PIPELINE_BYTES = 64 * 1024
+
 #: libpq settings that make a dead server or network noticed in seconds rather than
 #: after the kernel's TCP timeouts (minutes); used unless the DSN sets them itself.
 CONNECTION_DEFAULTS = {
@@ -97,12 +104,14 @@ class DBThread:
     def __init__(self, dsn: str, reactor=None, handler_timeout: float = 0,
                  lock_timeout: float = 0,
                  application_name: str = "omni_httpd worker",
-                 reconnect_delays: Tuple[float, float] = (0.1, 5.0)):
+                 reconnect_delays: Tuple[float, float] = (0.1, 5.0),
+                 pipeline_max: int = PIPELINE_MAX):
         if reactor is None:
             from twisted.internet import reactor
         self._reactor = reactor
         self._dsn = dsn
         self._min_delay, self._max_delay = reconnect_delays
+        self._pipeline_max = pipeline_max
         given = conninfo.conninfo_to_dict(dsn)
         connect_args = {k: v for k, v in CONNECTION_DEFAULTS.items() if k not in given}
         if "application_name" not in given:
@@ -309,18 +318,119 @@ class DBThread:
             if d.called:
                 # Cancelled while queued (the client went away): skip the work.
                 continue
-            try:
-                results.append((d, True, job(*args)))
-            except (DatabaseUnavailable, HandlerError) as exc:
-                results.append((d, False, exc))
-            except BaseException:
-                results.append((d, False, Failure()))
+            before = len(results)
+            batch = self._take_requests(args, d) if job == self._run else None
+            if batch is not None and len(batch) > 1:
+                try:
+                    results.extend(self._run_pipelined(batch))
+                except BaseException:
+                    failure = Failure()
+                    results.extend((bd, False, failure) for _a, bd in batch)
+            else:
+                try:
+                    results.append((d, True, job(*args)))
+                except (DatabaseUnavailable, HandlerError) as exc:
+                    results.append((d, False, exc))
+                except BaseException:
+                    results.append((d, False, Failure()))
             now = time.monotonic()
-            if len(results) == 1:
+            if before == 0:
                 oldest = now
-            elif len(results) >= FLUSH_COUNT or now - oldest >= FLUSH_AGE:
+            if results and (len(results) >= FLUSH_COUNT or now - oldest >= FLUSH_AGE):
                 self._reactor.callFromThread(self._deliver, results)
                 results = []
+
+    def _take_requests(self, args: tuple, d: Deferred) -> List[Tuple[tuple, Deferred]]:
+        """DB thread: this request and the ones queued right behind it, for one pipeline.
+
+        As many as `PIPELINE_MAX`, as long as their bodies and headers add up to at most
+        `PIPELINE_BYTES` (sent before any result is read, they must fit the socket
+        buffers); a job that is not a request ends the batch, so it still runs between
+        the requests queued before it and those queued after it.
+        """
+        batch = [(args, d)]
+        if self._pipeline_max <= 1:
+            return batch
+        size = _request_size(args[1])
+        queue = self._queue
+        with self._lock:
+            while queue and len(batch) < self._pipeline_max:
+                job, next_args, next_d = queue[0]
+                if job != self._run:
+                    break
+                size += _request_size(next_args[1])
+                if size > PIPELINE_BYTES:
+                    break
+                queue.popleft()
+                if not next_d.called:
+                    batch.append((next_args, next_d))
+        return batch
+
+    def _run_pipelined(self, batch: List[Tuple[tuple, Deferred]]) -> list:
+        """DB thread: run a batch of requests in one pipeline; their (d, ok, value).
+
+        The same outcomes as `_run` one by one: a request that found the session dirty
+        (nothing of it ran) runs again after the reset, in its turn.
+        """
+        conn = self._conn
+        if conn is None:
+            gone = DatabaseUnavailable("no database connection")
+            return [(d, False, gone) for _args, d in batch]
+        results = []
+        calls, waiting = [], []
+        own_objects = len(self._installed)
+        for (handler_id, request), d in batch:
+            installed = self._installed.get(handler_id)
+            try:
+                if installed is None:
+                    raise HandlerError(self._broken.get(handler_id)
+                                       or "handler %d is not installed" % handler_id)
+                calls.append((installed.statement, handler_call.parameters(request, own_objects)))
+            except HandlerError as exc:
+                results.append((d, False, exc))
+                continue
+            waiting.append(((handler_id, request), d))
+        outcomes = handler_call.call_pipelined(conn, calls)
+        again = []
+        failed = lost = False
+        for (args, d), outcome in zip(waiting, outcomes):
+            if isinstance(outcome, SessionDirty):
+                again.append((args, d, str(outcome)))
+            elif isinstance(outcome, DatabaseUnavailable):
+                lost = True
+                results.append((d, False, outcome))
+            elif isinstance(outcome, HandlerError):
+                failed = failed or outcome.sqlstate is not None
+                results.append((d, False, outcome))
+            else:
+                results.append((d, True, outcome))
+        reset_reason = again[0][2] if again else None
+        if failed and not lost:
+            # The handler function already cleaned up; this only guards against what
+            # could escape it (as after a failure outside a pipeline).
+            try:
+                handler_call.after_failure(conn)
+            except SessionDirty as exc:
+                reset_reason = reset_reason or str(exc)
+            except DatabaseUnavailable:
+                lost = True
+        if lost:
+            self._drop_connection()
+            gone = DatabaseUnavailable("the database connection ended")
+            results.extend((d, False, gone) for _args, d, _reason in again)
+            return results
+        if reset_reason is not None:
+            try:
+                self._reset(reset_reason)
+            except (DatabaseUnavailable, HandlerError) as exc:
+                results.extend((d, False, exc) for _args, d, _reason in again)
+                return results
+        for args, d, _reason in again:
+            try:
+                results.append((d, True, self._run(*args)))
+            except (DatabaseUnavailable, HandlerError) as exc:
+                results.append((d, False, exc))
+        return results
 
     def _deliver(self, results: list) -> None:
         for d, ok, value in results:
@@ -570,6 +680,10 @@ class DBThread:
         log.warn("reconnecting to the database failed ({error}); next attempt in {delay}s",
                  error=failure.getErrorMessage(), delay=self._delay)
         self._reconnect_call = self._reactor.callLater(self._delay, self._try_reconnect)
+
+
+def _request_size(request: Request) -> int:
+    return len(request.body) + sum(len(n) + len(v) for n, v in request.headers) + len(request.path) + 64
 
 
 def _chain(d: Deferred) -> Deferred:
