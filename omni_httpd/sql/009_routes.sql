@@ -497,7 +497,10 @@ $$;
 
 -- Installing a route in a worker's session: a SECURITY DEFINER function in pg_temp,
 -- owned by the route's role, that builds the handler's arguments from the request's
--- protocol parameters, calls it, flattens its outcome as handler functions do
+-- protocol parameters (listener id, method, path, query string, body, header names and
+-- values, the route row's text, and the outcome so far flattened as in
+-- omni_httpd._handler_result: kind, status, header names and values, body, proxy url,
+-- preserve host), calls it, flattens its outcome as handler functions do
 -- (omni_httpd._handler_result), and cleans the session after it. Refuses (raises) what
 -- must not run: a handler that is not one, a role the router's owner cannot become (a
 -- router pointing at another role's function would otherwise run it with that role's
@@ -521,7 +524,9 @@ DECLARE
     installer name := current_user;
     qualified text := pg_catalog.format(
         'pg_temp.%I(pg_catalog.int4, omni_http.http_method, pg_catalog.text, pg_catalog.text, '
-        'pg_catalog.bytea, pg_catalog.text[], pg_catalog.text[], pg_catalog.text, omni_httpd._handler_result)', $1);
+        'pg_catalog.bytea, pg_catalog.text[], pg_catalog.text[], pg_catalog.text, '
+        'pg_catalog.text, pg_catalog.int4, pg_catalog.text[], pg_catalog.text[], pg_catalog.bytea, '
+        'pg_catalog.text, pg_catalog.bool)', $1);
 BEGIN
     signature := omni_httpd._route_signature($2, $3);
     IF signature.problem IS NOT NULL THEN
@@ -576,14 +581,13 @@ route %1$s := $8::%1$s;
 outcome omni_httpd.http_outcome;
 BEGIN
 IF $9 IS NOT NULL THEN
-    outcome := CASE ($9).kind
+    outcome := CASE $9
         WHEN 'abort' THEN ROW(NULL, true, NULL)::omni_httpd.http_outcome
-        WHEN 'proxy' THEN ROW(NULL, NULL, ROW(($9).proxy_url, ($9).preserve_host)::omni_httpd.http_proxy)::omni_httpd.http_outcome
-        ELSE ROW(ROW(($9).status,
+        WHEN 'proxy' THEN ROW(NULL, NULL, ROW($14, $15)::omni_httpd.http_proxy)::omni_httpd.http_outcome
+        ELSE ROW(ROW($10,
                      ARRAY(SELECT ROW(h.name, h.value)::omni_http.http_header
-                           FROM ROWS FROM (pg_catalog.unnest(($9).header_names),
-                                           pg_catalog.unnest(($9).header_values)) AS h(name, value)),
-                     ($9).body)::omni_httpd.http_response, NULL, NULL)::omni_httpd.http_outcome END;
+                           FROM ROWS FROM (pg_catalog.unnest($11), pg_catalog.unnest($12)) AS h(name, value)),
+                     $13)::omni_httpd.http_response, NULL, NULL)::omni_httpd.http_outcome END;
 END IF;
 %2$s
 RETURN QUERY

@@ -27,7 +27,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import psycopg
 from psycopg import conninfo, pq
@@ -41,6 +41,7 @@ from omni_httpd.common import handler_call
 from omni_httpd.common.handler_call import (DatabaseUnavailable, HandlerError, HandlerRow, Installed,
                                      SessionDirty, error_text, function_name, statement_name)
 from omni_httpd.common.request import Request
+from omni_httpd.common.routing import Route
 
 __all__ = ["DBThread", "DatabaseUnavailable", "HandlerError", "HandlerRow", "error_text",
            "function_name", "statement_name", "CONNECTION_DEFAULTS"]
@@ -134,7 +135,9 @@ class DBThread:
         self._conn: Optional[psycopg.Connection] = None
         self._installed: Dict[int, Installed] = {}   # handler id -> function and statement
         self._broken: Dict[int, str] = {}        # handler id -> install error
-        self._wanted: Optional[Tuple[int, Dict[int, Tuple[str, str]]]] = None
+        self._routes: Dict[int, Installed] = {}    # route id -> function and statement
+        self._routes_broken: Dict[int, str] = {}   # route id -> why it is not installed
+        self._wanted: Optional[Tuple[int, Dict[int, Tuple[str, str]], List[Route]]] = None
 
     # -- life cycle (reactor thread) ------------------------------------------------
 
@@ -356,19 +359,29 @@ class DBThread:
         """
         return self.submit(self._run, handler_id, request)
 
+    def run_routes(self, routes: List[Route], request: Request) -> Deferred:
+        """Run the route chain ``routes`` (matching ``request``, in order) in one job.
+
+        Fires with a `handler_call.ChainResult`; fails as `run`. A route that is not
+        installed (refused, logged when the configuration was applied) is skipped.
+        """
+        return self.submit(self._run_routes, routes, request)
+
     def apply_configuration(self, generation: int,
-                            handlers: Dict[int, Tuple[str, str]]) -> Deferred:
-        """Install ``handlers`` ({handler id: (query, role_name)}) as ``generation``.
+                            handlers: Dict[int, Tuple[str, str]],
+                            routes: Sequence[Route] = ()) -> Deferred:
+        """Install ``handlers`` ({handler id: (query, role_name)}) and ``routes`` as ``generation``.
 
         Queued like a request: requests queued before run with the old handlers, those
         queued after with the new ones. Fires with {handler id: error text} for the
         handlers that could not be installed (they answer 500 until the next
-        configuration). Handlers absent from ``handlers`` are removed. Without a
-        connection it fails with `DatabaseUnavailable`, but the configuration is kept
-        and installed as soon as the connection is back.
+        configuration; routes that cannot be installed are keyed ``"route N"``). Handlers
+        absent from ``handlers`` are removed. Without a connection it fails with
+        `DatabaseUnavailable`, but the configuration is kept and installed as soon as
+        the connection is back.
         """
         handlers = {int(hid): (query, role) for hid, (query, role) in handlers.items()}
-        return self.submit(self._apply, int(generation), handlers)
+        return self.submit(self._apply, int(generation), handlers, list(routes))
 
     @property
     def connection(self) -> Optional[psycopg.Connection]:
@@ -385,7 +398,7 @@ class DBThread:
                                or "handler %d is not installed" % handler_id)
         try:
             try:
-                return handler_call.call(conn, installed, request, len(self._installed))
+                return handler_call.call(conn, installed, request, self._own_objects())
             except SessionDirty as exc:
                 # Nothing of the handler ran: reset the session, then run it once more.
                 self._reset(str(exc))
@@ -393,7 +406,37 @@ class DBThread:
                 if installed is None:
                     raise HandlerError(self._broken.get(handler_id)
                                        or "handler %d is not installed" % handler_id) from None
-                return handler_call.call(conn, installed, request, len(self._installed))
+                return handler_call.call(conn, installed, request, self._own_objects())
+        except SessionDirty as exc:
+            self._reset(str(exc))
+            raise HandlerError(str(exc)) from None
+        except DatabaseUnavailable:
+            self._drop_connection()
+            raise
+        except psycopg.Error as exc:
+            self._check_connection(exc)
+            raise HandlerError(error_text(exc), exc.sqlstate) from None
+
+    def _own_objects(self) -> int:
+        return len(self._installed) + len(self._routes)
+
+    def _run_routes(self, routes: List[Route], request: Request) -> handler_call.ChainResult:
+        conn = self._conn
+        if conn is None:
+            raise DatabaseUnavailable("no database connection")
+
+        def steps():
+            return [(self._routes[route.id], route) for route in routes if route.id in self._routes]
+
+        try:
+            try:
+                return handler_call.run_chain(conn, steps(), request, self._own_objects())
+            except SessionDirty as exc:
+                # Raised before a route's body ran. Earlier middleware of this chain may
+                # have run and committed; running the chain again repeats them, as a
+                # client's retry would.
+                self._reset(str(exc))
+                return handler_call.run_chain(conn, steps(), request, self._own_objects())
         except SessionDirty as exc:
             self._reset(str(exc))
             raise HandlerError(str(exc)) from None
@@ -406,34 +449,65 @@ class DBThread:
 
     def _reset(self, reason: str) -> None:
         """DB thread: drop everything the session holds; reinstall the configuration."""
-        log.warn("resetting the database session ({reason}); reinstalling {count} handlers",
-                 reason=reason, count=len(self._installed))
+        log.warn("resetting the database session ({reason}); reinstalling {count} handlers "
+                 "and {routes} routes", reason=reason, count=len(self._installed), routes=len(self._routes))
         try:
             handler_call.reset_session(self._conn)
         except psycopg.Error as exc:
             self._check_connection(exc)
             raise HandlerError(error_text(exc), exc.sqlstate) from None
         self._installed, self._broken = {}, {}
+        self._routes, self._routes_broken = {}, {}
         if self._wanted is not None:
             self._install(*self._wanted)
 
-    def _apply(self, generation: int, handlers: Dict[int, Tuple[str, str]]) -> Dict[int, str]:
-        self._wanted = (generation, handlers)
+    def _apply(self, generation: int, handlers: Dict[int, Tuple[str, str]],
+               routes: List[Route]) -> Dict[int, str]:
+        self._wanted = (generation, handlers, routes)
         if self._conn is None:
             raise DatabaseUnavailable("no database connection; configuration %d will be "
                                       "installed on reconnect" % generation)
         try:
-            clean = handler_call.temporary_objects(self._conn) == len(self._installed)
+            clean = handler_call.temporary_objects(self._conn) == self._own_objects()
         except psycopg.Error as exc:
             self._check_connection(exc)
             clean = False
         if not clean:
             # Describing and creating handlers must not see what a request left behind.
             self._reset("a request left temporary objects in the session")
-            return dict(self._broken)
-        return self._install(generation, handlers)
+            return self._errors()
+        return self._install(generation, handlers, routes)
 
-    def _install(self, generation: int, handlers: Dict[int, Tuple[str, str]]) -> Dict[int, str]:
+    def _errors(self) -> dict:
+        errors: dict = dict(self._broken)
+        errors.update(("route %d" % route_id, error) for route_id, error in self._routes_broken.items())
+        return errors
+
+    def _install(self, generation: int, handlers: Dict[int, Tuple[str, str]],
+                 routes: Sequence[Route] = ()) -> dict:
+        self._install_handlers(generation, handlers)
+        self._install_routes(generation, routes)
+        return self._errors()
+
+    def _install_routes(self, generation: int, routes: Sequence[Route]) -> None:
+        # Routes are few and cheap to create: every generation replaces them all (a
+        # route's id is its place in the configuration, not a lasting identity).
+        for route_id in list(self._routes):
+            installed = self._routes.pop(route_id)
+            self._quietly(handler_call.deallocate, self._conn, installed.statement)
+            self._quietly(handler_call.drop_function, self._conn, installed.function)
+        self._routes_broken = {}
+        for route in routes:
+            try:
+                self._routes[route.id] = handler_call.install_route(
+                    self._conn, route.id, generation, route.handler_oid, route.router_oid)
+            except psycopg.Error as exc:
+                self._check_connection(exc)
+                message = error_text(exc)
+                self._routes_broken[route.id] = message
+                log.warn("route {route} refused: {error}", route=route.describe(), error=message)
+
+    def _install_handlers(self, generation: int, handlers: Dict[int, Tuple[str, str]]) -> Dict[int, str]:
         errors: Dict[int, str] = {}
         for handler_id in [h for h in self._installed if h not in handlers]:
             self._uninstall(handler_id)
@@ -506,6 +580,7 @@ class DBThread:
             self._conn.close()
         self._conn = conn
         self._installed, self._broken = {}, {}
+        self._routes, self._routes_broken = {}, {}
         if self._wanted is None:
             return {}
         return self._install(*self._wanted)
@@ -521,6 +596,7 @@ class DBThread:
     def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None
         self._installed, self._broken = {}, {}
+        self._routes, self._routes_broken = {}, {}
         if conn is not None:
             try:
                 conn.close()

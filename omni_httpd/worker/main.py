@@ -39,6 +39,7 @@ class Worker:
         self.ports: Dict[int, tuple] = {}           # listener id -> (bind_id, port, factory)
         self.control = None
         self.dbthread = None
+        self.executor = None
         self.dispatcher = None
         self.sibling_port = None
         self.stopping = False
@@ -66,7 +67,8 @@ class Worker:
             log.error("cannot connect to the database: {error}", error=str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc))
             self.reactor.callLater(0, self._exit, 3)
             return
-        executor = LocalExecutor(self.dbthread, self.handler_map.get, reactor=self.reactor, settings=settings)
+        executor = self.executor = LocalExecutor(self.dbthread, self.handler_map.get, reactor=self.reactor,
+                                                 settings=settings)
         self.dispatcher = Dispatcher(executor, self.dbthread, self.scoreboard, self.slot,
                                      self.run_dir, settings.http_workers)
         path = sibling_socket_path(self.run_dir, self.slot)
@@ -147,13 +149,23 @@ class Worker:
                 new_map[listener_id] = handler["id"]
         # Requests dispatched from now on use the new map and are queued after the
         # installation below; requests already queued run first with the old one.
+        from omni_httpd.common.routing import Route, RouteTable
+
+        routes = RouteTable(Route.from_message(entry) for entry in message.get("routes", ()))
+        for route_id, error in sorted(routes.refused.items()):
+            errors.append("route %d: URL pattern refused: %s" % (route_id, error))
         self.handler_map.clear()
         self.handler_map.update(new_map)
-        d = self.dbthread.apply_configuration(generation, handlers)
+        self.executor.set_routes(routes, {listener_id: int(entry["port"])
+                                          for listener_id, entry in wanted.items()})
+        d = self.dbthread.apply_configuration(generation, handlers, routes.routes)
 
         def applied(install_errors):
-            for handler_id, error in sorted((install_errors or {}).items()):
-                errors.append("handler %s cannot be installed: %s" % (handler_id, error))
+            for key, error in sorted((install_errors or {}).items(), key=lambda item: str(item[0])):
+                if isinstance(key, str):        # "route N"
+                    errors.append("%s refused: %s" % (key, error))
+                else:
+                    errors.append("handler %s cannot be installed: %s" % (key, error))
             self.control.send({"type": "applied", "generation": generation, "errors": errors})
 
         def failed(failure):
