@@ -584,10 +584,10 @@ IF $9 IS NOT NULL THEN
     outcome := CASE $9
         WHEN 'abort' THEN ROW(NULL, true, NULL)::omni_httpd.http_outcome
         WHEN 'proxy' THEN ROW(NULL, NULL, ROW($14, $15)::omni_httpd.http_proxy)::omni_httpd.http_outcome
-        ELSE ROW(ROW($10,
+        ELSE ROW(ROW($13, $10::pg_catalog.int2,
                      ARRAY(SELECT ROW(h.name, h.value)::omni_http.http_header
-                           FROM ROWS FROM (pg_catalog.unnest($11), pg_catalog.unnest($12)) AS h(name, value)),
-                     $13)::omni_httpd.http_response, NULL, NULL)::omni_httpd.http_outcome END;
+                           FROM ROWS FROM (pg_catalog.unnest($11), pg_catalog.unnest($12)) AS h(name, value))
+                     )::omni_httpd.http_response, NULL, NULL)::omni_httpd.http_outcome END;
 END IF;
 %2$s
 RETURN QUERY
