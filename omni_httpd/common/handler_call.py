@@ -78,6 +78,10 @@ class Installed:
     statement: bytes
     #: routes only: 'handler' or 'middleware'
     kind: str = "handler"
+    #: routes only: a procedure run non-atomic (a top-level CALL under SET ROLE ``role``;
+    #: ``function`` is empty: nothing was created in the session)
+    nonatomic: bool = False
+    role: Optional[str] = None
 
 
 def error_text(exc: psycopg.Error) -> str:
@@ -187,12 +191,29 @@ def install_route(conn: psycopg.Connection, route_id: int, generation: int, hand
     sql/009_routes.sql. The caller deallocates a previous statement of the same route.
     """
     name = route_function_name(route_id, generation)
-    oid, xmin, kind = conn.execute(
-        "SELECT i.function_oid::pg_catalog.int8, i.function_xmin::pg_catalog.text, i.kind "
+    oid, xmin, kind, role, call_statement, method_type = conn.execute(
+        "SELECT i.function_oid::pg_catalog.int8, i.function_xmin::pg_catalog.text, i.kind, "
+        "i.role_name::pg_catalog.text, i.call_statement, "
+        "'omni_http.http_method'::pg_catalog.regtype::pg_catalog.oid::pg_catalog.int8 "
         "FROM omni_httpd._install_route(%s, %s::pg_catalog.oid::pg_catalog.regprocedure, "
         "%s::pg_catalog.oid::pg_catalog.regclass) i",
         (name, handler_oid, router_oid)).fetchone()
     statement = route_statement_name(route_id)
+    if kind == "nonatomic":
+        # The CALL names every parameter's type: it need not use all fifteen.
+        types = [23, int(method_type), 25, 25, 17, 1009, 1009, 25, 25, 23, 1009, 1009, 17, 25, 16]
+        # Parsed as the role it runs as: the daemon's own role may not even see its schema.
+        conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role)))
+        try:
+            _check(conn, conn.pgconn.prepare(statement, call_statement.encode("utf-8"), types))
+        finally:
+            if not conn.broken:
+                conn.execute("RESET ROLE")
+        signature = conn.execute("SELECT s.kind FROM omni_httpd._route_signature("
+                                 "%s::pg_catalog.oid::pg_catalog.regprocedure, "
+                                 "%s::pg_catalog.oid::pg_catalog.regclass) s",
+                                 (handler_oid, router_oid)).fetchone()[0]
+        return Installed("", statement, signature, nonatomic=True, role=role)
     call_text = sql.SQL(
         "SELECT * FROM pg_temp.{}($1, omni_httpd._before_request($2, {}::pg_catalog.oid, {}::pg_catalog.xid, $16), "
         "$3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) WITH ORDINALITY").format(
@@ -207,6 +228,8 @@ def install_route(conn: psycopg.Connection, route_id: int, generation: int, hand
 
 
 def drop_function(conn: psycopg.Connection, name: str) -> None:
+    if not name:
+        return      # a non-atomic route: nothing was created
     conn.execute(sql.SQL("DROP FUNCTION IF EXISTS pg_temp.{}").format(sql.Identifier(name)))
 
 
@@ -344,8 +367,42 @@ def call_route(conn: psycopg.Connection, installed: Installed, request: Request,
                outcome: Optional[HandlerRow], own_objects: int,
                clean_after_failure: bool = True) -> Optional[HandlerRow]:
     """Run one route for ``request`` with the outcome so far; as `call` for errors."""
-    return _execute(conn, installed, route_parameters(request, route_row, outcome, own_objects),
-                    clean_after_failure)
+    params = route_parameters(request, route_row, outcome, own_objects)
+    if installed.nonatomic:
+        return _call_nonatomic(conn, installed, params[:15], own_objects)
+    return _execute(conn, installed, params, clean_after_failure)
+
+
+_FLATTEN = b"SELECT * FROM omni_httpd._flatten_outcome($1::pg_catalog.text::omni_httpd.http_outcome)"
+
+
+def _call_nonatomic(conn: psycopg.Connection, installed: Installed, params: List[Optional[bytes]],
+                    own_objects: int) -> Optional[HandlerRow]:
+    """A transaction-controlling procedure, as a top-level CALL (so it may COMMIT) under
+    SET ROLE: only ever installed when the login role has nothing of its own to gain by a
+    RESET ROLE (omni_httpd._login_role_is_unprivileged). Several round trips; such
+    procedures are rare."""
+    pgconn = conn.pgconn
+    if temporary_objects(conn) != own_objects:
+        raise SessionDirty("a request left temporary objects in the session")
+    conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(installed.role)))
+    res = pgconn.exec_prepared(installed.statement, params, [1] * len(params), 0)
+    failed = res.status != pq.ExecStatus.TUPLES_OK
+    if failed and pgconn.status == pq.ConnStatus.BAD:
+        raise DatabaseUnavailable(result_error_text(res))
+    sqlstate = res.error_field(pq.DiagnosticField.SQLSTATE) if failed else None
+    message = result_error_text(res) if failed else None
+    value = None if failed or res.ntuples == 0 else res.get_value(0, 0)
+    conn.execute("RESET ROLE")
+    after_failure(conn)     # the same clean-up a handler function ends with
+    if failed:
+        raise HandlerError(message, sqlstate.decode() if sqlstate else None)
+    if value is None:
+        return None
+    flat = pgconn.exec_params(_FLATTEN, [value], None, [0], 1)
+    if flat.status != pq.ExecStatus.TUPLES_OK:
+        raise HandlerError(result_error_text(flat))
+    return read_row(flat)
 
 
 def ends_processing(row: Optional[HandlerRow]) -> bool:

@@ -495,6 +495,70 @@ BEGIN
 END
 $$;
 
+-- Is the daemon's login role one with nothing of its own to gain for a procedure that
+-- does RESET ROLE: no superuser or other role attributes, and NOINHERIT (the roles it
+-- can become lend it nothing unless it switches to them). The PostgREST-style
+-- "authenticator"; its object privileges are the daemon's bookkeeping (docs/sql-api.md).
+CREATE FUNCTION omni_httpd._login_role_is_unprivileged()
+    RETURNS boolean
+    LANGUAGE sql STABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT NOT (r.rolsuper OR r.rolinherit OR r.rolcreaterole OR r.rolcreatedb OR r.rolbypassrls
+                OR r.rolreplication)
+    FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) session_user
+$$;
+
+-- For non-atomic procedures (a CALL argument cannot hold a subquery): the request and
+-- the outcome so far from the protocol parameters, and the outcome flattened after.
+CREATE FUNCTION omni_httpd._route_request(method omni_http.http_method, path text, query_string text,
+                                          body bytea, header_names text[], header_values text[])
+    RETURNS omni_httpd.http_request
+    LANGUAGE sql STABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT ROW($1, $2, $3, $4, ARRAY(SELECT ROW(h.name, h.value)::omni_http.http_header
+                                     FROM ROWS FROM (pg_catalog.unnest($5), pg_catalog.unnest($6)) AS h(name, value))
+              )::omni_httpd.http_request
+$$;
+
+CREATE FUNCTION omni_httpd._route_outcome(kind text, status int, header_names text[],
+                                          header_values text[], body bytea, proxy_url text,
+                                          preserve_host boolean)
+    RETURNS omni_httpd.http_outcome
+    LANGUAGE sql STABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE $1
+        WHEN 'abort' THEN ROW(NULL, true, NULL)::omni_httpd.http_outcome
+        WHEN 'proxy' THEN ROW(NULL, NULL, ROW($6, $7)::omni_httpd.http_proxy)::omni_httpd.http_outcome
+        WHEN 'response' THEN ROW(ROW($5, $2::pg_catalog.int2,
+                                     ARRAY(SELECT ROW(h.name, h.value)::omni_http.http_header
+                                           FROM ROWS FROM (pg_catalog.unnest($3), pg_catalog.unnest($4)) AS h(name, value))
+                                 )::omni_httpd.http_response, NULL, NULL)::omni_httpd.http_outcome END
+$$;
+
+CREATE FUNCTION omni_httpd._flatten_outcome(outcome omni_httpd.http_outcome)
+    RETURNS SETOF omni_httpd._handler_result
+    LANGUAGE sql STABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN ($1).abort THEN 'abort'
+                WHEN (($1).proxy).url IS NOT NULL THEN 'proxy'
+                ELSE 'response' END::pg_catalog.text,
+           CASE WHEN pg_catalog.num_nonnulls(($1).response) OPERATOR(pg_catalog.>) 0
+                THEN coalesce((($1).response).status, 200)::pg_catalog.int4 END,
+           CASE WHEN pg_catalog.num_nonnulls(($1).response) OPERATOR(pg_catalog.>) 0
+                THEN ARRAY(SELECT x.name FROM pg_catalog.unnest((($1).response).headers) AS x) END,
+           CASE WHEN pg_catalog.num_nonnulls(($1).response) OPERATOR(pg_catalog.>) 0
+                THEN ARRAY(SELECT x.value FROM pg_catalog.unnest((($1).response).headers) AS x) END,
+           (($1).response).body,
+           (($1).proxy).url,
+           CASE WHEN (($1).proxy).url IS NOT NULL THEN coalesce((($1).proxy).preserve_host, true) END
+    WHERE ($1).abort OR (($1).proxy).url IS NOT NULL
+       OR pg_catalog.num_nonnulls(($1).response) OPERATOR(pg_catalog.>) 0
+$$;
+
 -- Installing a route in a worker's session: a SECURITY DEFINER function in pg_temp,
 -- owned by the route's role, that builds the handler's arguments from the request's
 -- protocol parameters (listener id, method, path, query string, body, header names and
@@ -509,7 +573,8 @@ $$;
 -- every call, as for handlers), and the route's kind.
 CREATE FUNCTION omni_httpd._install_route(fname text, handler regprocedure, router regclass,
                                           OUT function_oid oid, OUT function_xmin xid,
-                                          OUT kind text, OUT role_name name)
+                                          OUT kind text, OUT role_name name,
+                                          OUT call_statement text)
     LANGUAGE plpgsql
     SET search_path = pg_catalog, pg_temp
 AS $$
@@ -545,6 +610,32 @@ BEGIN
     END IF;
     IF NOT pg_catalog.has_function_privilege(role_name, $2::pg_catalog.oid, 'EXECUTE') THEN
         RAISE EXCEPTION 'role % may not execute %', role_name, $2;
+    END IF;
+    IF signature.is_procedure AND omni_httpd._controls_transactions($2)
+       AND omni_httpd._login_role_is_unprivileged() THEN
+        -- Nothing to gain by RESET ROLE: run it non-atomic, as a top-level CALL (the
+        -- worker sets the role around it). See docs/sql-api.md, "Procedures".
+        kind := 'nonatomic';
+        SELECT pg_catalog.format('CALL %I.%I(%s)', n.nspname, p.proname,
+                   pg_catalog.string_agg(CASE a.what
+                       WHEN 'listener' THEN '$1::pg_catalog.int4'
+                       WHEN 'request' THEN 'omni_httpd._route_request($2, $3, $4, $5, $6, $7)'
+                       WHEN 'route' THEN pg_catalog.format('$8::pg_catalog.text::%s',
+                                                           (SELECT c.reltype::pg_catalog.regtype::pg_catalog.text
+                                                            FROM pg_catalog.pg_class c
+                                                            WHERE c.oid OPERATOR(pg_catalog.=) $3::pg_catalog.oid))
+                       WHEN 'outcome' THEN 'omni_httpd._route_outcome($9, $10, $11, $12, $13, $14, $15)'
+                       ELSE 'NULL::omni_httpd.http_outcome' END, ', ' ORDER BY a.position))
+        INTO call_statement
+        FROM pg_catalog.pg_proc p
+        JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) p.pronamespace
+        CROSS JOIN pg_catalog.unnest(signature.arguments) WITH ORDINALITY AS a (what, position)
+        WHERE p.oid OPERATOR(pg_catalog.=) $2::pg_catalog.oid
+        GROUP BY n.nspname, p.proname;
+        IF call_statement IS NULL THEN
+            call_statement := pg_catalog.format('CALL %s()', $2::pg_catalog.oid::pg_catalog.regproc);
+        END IF;
+        RETURN;
     END IF;
     IF signature.is_procedure AND omni_httpd._controls_transactions($2) THEN
         RAISE EXCEPTION 'procedure % controls transactions (COMMIT/ROLLBACK), which PostgreSQL does not '
@@ -635,7 +726,9 @@ GRANT EXECUTE ON FUNCTION
     omni_httpd._urlpattern_string_problem(text), omni_httpd._urlpattern_problem(omni_httpd.urlpattern),
     omni_httpd._route_role(regprocedure), omni_httpd._router_columns(regclass),
     omni_httpd._route_signature(regprocedure, regclass), omni_httpd._controls_transactions(regprocedure),
-    omni_httpd._check_route(), omni_httpd.register_router(regclass)
+    omni_httpd._check_route(), omni_httpd.register_router(regclass),
+    omni_httpd._route_request(omni_http.http_method, text, text, bytea, text[], text[]),
+    omni_httpd._route_outcome(text, int, text[], text[], bytea, text, boolean)
     TO PUBLIC;
 -- Every role's route check reads handler_role (which role its routes run as).
 GRANT SELECT ON omni_httpd.handler_role TO PUBLIC;

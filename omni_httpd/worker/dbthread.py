@@ -418,7 +418,12 @@ class DBThread:
             raise HandlerError(error_text(exc), exc.sqlstate) from None
 
     def _own_objects(self) -> int:
-        return len(self._installed) + len(self._routes)
+        return len(self._installed) + self._route_objects
+
+    @property
+    def _route_objects(self) -> int:
+        # Non-atomic routes create nothing in the session.
+        return sum(1 for installed in self._routes.values() if installed.function)
 
     def _run_routes(self, routes: List[Route], request: Request) -> handler_call.ChainResult:
         conn = self._conn
