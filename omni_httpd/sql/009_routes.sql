@@ -585,6 +585,7 @@ DECLARE
     target text;
     call_arguments text;
     invocation text;
+    declarations text;
     function_body text;
     installer name := current_user;
     qualified text := pg_catalog.format(
@@ -661,17 +662,18 @@ BEGIN
         invocation := pg_catalog.format('outcome := %s(%s);', target, call_arguments);
     END IF;
 
-    function_body := pg_catalog.format(
-$body$
-DECLARE
-request omni_httpd.http_request := ROW($2, $3, $4, $5,
+    -- Only what the handler takes is built (each costs every request); only middleware
+    -- get the outcome so far.
+    declarations := CASE WHEN 'request' = ANY (signature.arguments) THEN
+$decl$request omni_httpd.http_request := ROW($2, $3, $4, $5,
     ARRAY(SELECT ROW(h.name, h.value)::omni_http.http_header
           FROM ROWS FROM (pg_catalog.unnest($6), pg_catalog.unnest($7)) AS h(name, value))
     )::omni_httpd.http_request;
-route %1$s := $8::%1$s;
-outcome omni_httpd.http_outcome;
-BEGIN
-IF $9 IS NOT NULL THEN
+$decl$ ELSE '' END
+        || CASE WHEN 'route' = ANY (signature.arguments)
+                THEN pg_catalog.format(E'route %1$s := $8::%1$s;\n', row_type) ELSE '' END;
+    IF kind = 'middleware' THEN
+        invocation := $outcome$IF $9 IS NOT NULL THEN
     outcome := CASE $9
         WHEN 'abort' THEN ROW(NULL, true, NULL)::omni_httpd.http_outcome
         WHEN 'proxy' THEN ROW(NULL, NULL, ROW($14, $15)::omni_httpd.http_proxy)::omni_httpd.http_outcome
@@ -680,6 +682,14 @@ IF $9 IS NOT NULL THEN
                            FROM ROWS FROM (pg_catalog.unnest($11), pg_catalog.unnest($12)) AS h(name, value))
                      )::omni_httpd.http_response, NULL, NULL)::omni_httpd.http_outcome END;
 END IF;
+$outcome$ || invocation;
+    END IF;
+
+    function_body := pg_catalog.format(
+$body$
+DECLARE
+%1$soutcome omni_httpd.http_outcome;
+BEGIN
 %2$s
 RETURN QUERY
 SELECT CASE WHEN (outcome).abort THEN 'abort'
@@ -699,7 +709,7 @@ WHERE (outcome).abort OR ((outcome).proxy).url IS NOT NULL
    OR pg_catalog.num_nonnulls((outcome).response) OPERATOR(pg_catalog.>) 0;
 PERFORM omni_httpd._after_request();
 END
-$body$, row_type, invocation);
+$body$, declarations, invocation);
 
     EXECUTE pg_catalog.format('DROP FUNCTION IF EXISTS %s', qualified);
     PERFORM pg_catalog.set_config('search_path', omni_httpd._handler_search_path(), true);
