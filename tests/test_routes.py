@@ -353,3 +353,17 @@ def test_pattern_strings_with_sql_in_them_are_only_patterns(site, clean_routes):
     assert site.get("/a';DROP%20TABLE%20public.secrets;--?x=1%27%20OR%20%271%27=%271")[::2] == (200, b"literal")
     assert site.get("/a';DROP%20TABLE%20public.secrets;--")[0] == 404
     assert sql(site.dsn, "SELECT body FROM public.secrets")[0][0] == "s3cret"
+
+
+def test_writing_handler_role_needs_the_right_to_become_the_role(site):
+    sql(site.dsn, 'GRANT INSERT, DELETE ON omni_httpd.handler_role TO "%s"' % site.alice)
+    try:
+        with pytest.raises(psycopg2.Error) as error:
+            sql(site.alice_dsn, "INSERT INTO omni_httpd.handler_role VALUES ('pg_catalog.now()', 'postgres')")
+        assert "handler_role_role_check" in str(error.value)
+        sql(site.alice_dsn, "INSERT INTO omni_httpd.handler_role VALUES ('pg_catalog.now()', %s)",
+            ('"%s"' % site.alice,))
+        wait_reloads(site.dsn, 1)
+    finally:
+        site.change("DELETE FROM omni_httpd.handler_role")
+        sql(site.dsn, 'REVOKE ALL ON omni_httpd.handler_role FROM "%s"' % site.alice)
