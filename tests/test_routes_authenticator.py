@@ -24,8 +24,7 @@ def site(pg_cluster, schema_template):
         % (authenticator, app, app, authenticator))
     # What the daemon's own statements need, and nothing else.
     sql(dsn, """
-        GRANT CREATE ON DATABASE "{db}" TO "{a}";
-        GRANT USAGE, CREATE ON SCHEMA omni_httpd TO "{a}";
+        GRANT USAGE ON SCHEMA omni_httpd TO "{a}";
         GRANT SELECT ON ALL TABLES IN SCHEMA omni_httpd TO "{a}";
         GRANT UPDATE ON omni_httpd.listeners TO "{a}";
         GRANT INSERT, DELETE ON omni_httpd.configuration_reloads TO "{a}";
@@ -86,3 +85,39 @@ def test_a_procedure_that_commits_half_way_keeps_the_committed_part(site):
     assert sql(dsn, "SELECT step FROM app.steps ORDER BY step") == [("committed /fail",)]
     # It ran as its owner, not as the authenticator.
     assert get(port, "/ok") == (200, ("%s 3" % app).encode())
+
+
+def test_a_non_atomic_procedure_that_resets_its_role_gains_nothing(site):
+    """RESET ROLE inside it makes it the authenticator, which may read and write nothing
+    of the application's and cannot change the configuration."""
+    dsn, daemon, port, app = site
+    sql(dsn, """
+        SET ROLE "{app}";
+        CREATE PROCEDURE app.escape(request omni_httpd.http_request, OUT outcome omni_httpd.http_outcome)
+        LANGUAGE plpgsql AS $$
+        DECLARE
+            found text := '';
+        BEGIN
+            COMMIT;
+            RESET ROLE;
+            BEGIN
+                PERFORM count(*) FROM app.steps;
+                found := found || 'read steps; ';
+            EXCEPTION WHEN insufficient_privilege THEN found := found || 'no steps; ';
+            END;
+            BEGIN
+                INSERT INTO omni_httpd.handlers (query) VALUES ('SELECT 1');
+                found := found || 'wrote handlers';
+            EXCEPTION WHEN insufficient_privilege THEN found := found || 'no handlers';
+            END;
+            outcome := omni_httpd.http_response(session_user::text || ': ' || found);
+        END $$;
+        RESET ROLE;
+    """.format(app=app))
+    sql(dsn, "TRUNCATE omni_httpd.urlpattern_router; INSERT INTO omni_httpd.urlpattern_router VALUES "
+             "(omni_httpd.urlpattern('/escape'), 'app.escape(omni_httpd.http_request)', 0)")
+    wait_reloads(dsn, 1)
+    status, body = get(port, "/escape")
+    assert status == 200, daemon.output[-2000:]
+    assert body.endswith(b": no steps; no handlers")
+    assert sql(dsn, "SELECT count(*) FROM omni_httpd.handlers")[0][0] == 0

@@ -464,11 +464,13 @@ DECLARE
     r record;
 BEGIN
     FOR r IN
-        SELECT c.oid::pg_catalog.regclass AS relation, o.rolname AS owner, rc.*
+        SELECT c.oid::pg_catalog.regclass AS relation, o.rolname AS owner, c.relkind, rc.*
         FROM pg_catalog.pg_class c
         JOIN pg_catalog.pg_roles o ON o.oid OPERATOR(pg_catalog.=) c.relowner
         CROSS JOIN LATERAL omni_httpd._router_columns(c.oid::pg_catalog.regclass) rc
-        WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+        -- Temporary tables are a session's own (and unreadable by others); partitions
+        -- are read through their parent, inheritance children on their own (ONLY).
+        WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND c.relpersistence <> 't'
           AND EXISTS (SELECT FROM pg_catalog.pg_attribute a WHERE a.attrelid OPERATOR(pg_catalog.=) c.oid
                       AND a.atttypid OPERATOR(pg_catalog.=) 'omni_httpd.urlpattern'::pg_catalog.regtype
                       AND NOT a.attisdropped)
@@ -481,10 +483,11 @@ BEGIN
                 '(t.%3$I).password, (t.%3$I).hostname, (t.%3$I).port, (t.%3$I).pathname, '
                 '(t.%3$I).search, (t.%3$I).hash, (t.%3$I).method::pg_catalog.text, '
                 't.%4$I::pg_catalog.oid, t.%4$I::pg_catalog.text, %5$s, NULL::pg_catalog.text '
-                'FROM %1$s t WHERE t.%4$I IS NOT NULL',
+                'FROM %6$s %1$s t WHERE t.%4$I IS NOT NULL',
                 r.relation, r.owner, r.match_column, r.handler_column,
                 CASE WHEN r.priority_column IS NULL THEN '0'
-                     ELSE pg_catalog.format('coalesce(t.%I, 0)::pg_catalog.int4', r.priority_column) END);
+                     ELSE pg_catalog.format('coalesce(t.%I, 0)::pg_catalog.int4', r.priority_column) END,
+                CASE WHEN r.relkind = 'r' THEN 'ONLY' ELSE '' END);
         EXCEPTION WHEN OTHERS THEN
             router := r.relation;
             router_owner := r.owner;
@@ -604,7 +607,9 @@ BEGIN
     FROM pg_catalog.pg_class c JOIN pg_catalog.pg_roles o ON o.oid OPERATOR(pg_catalog.=) c.relowner
     WHERE c.oid OPERATOR(pg_catalog.=) $3::pg_catalog.oid;
     IF NOT (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) router_owner)
-       AND NOT pg_catalog.pg_has_role(router_owner, role_name, 'MEMBER') THEN
+       AND NOT pg_catalog.pg_has_role(router_owner, role_name,
+                                      CASE WHEN pg_catalog.current_setting('server_version_num')::int >= 160000
+                                           THEN 'SET' ELSE 'MEMBER' END) THEN
         RAISE EXCEPTION '% would run as role %, which the owner of router % (%) cannot become',
             $2, role_name, $3, router_owner
             USING HINT = 'Route to functions of the router owner''s roles, or set omni_httpd.handler_role.';
