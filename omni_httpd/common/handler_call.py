@@ -491,7 +491,11 @@ def run_chain(conn: psycopg.Connection, steps: Sequence[Tuple[Installed, object]
     pending: Optional[HandlerRow] = None
     answered_by = None
     for installed, route in steps:
-        row = call_route(conn, installed, request, route.row, pending, own_objects, clean_after_failure)
+        try:
+            row = call_route(conn, installed, request, route.row, pending, own_objects, clean_after_failure)
+        except HandlerError as error:
+            error.route = route     # for the log: which route of the chain failed
+            raise
         if installed.kind == "handler":
             return ChainResult(merge(pending, row), route, True)
         pending, answered_by = row, route

@@ -74,7 +74,7 @@ class LocalExecutor:
             return succeed(Response(status=404, headers=[], body=b""))
         d = self._db.run_routes(chain, request)
         d.addCallbacks(self._chain_done, self._failed, callbackArgs=(request,),
-                       errbackArgs=(request, "route " + chain[0].handler))
+                       errbackArgs=(request, None))
         d.addErrback(self._bug, request)
         return d
 
@@ -107,7 +107,12 @@ class LocalExecutor:
                 self._unavailable_logged = now
                 self._unavailable_count = 0
             return response.error_response(503, "Service unavailable")
-        if failure.check(HandlerError):
+        if failure.check(HandlerError) and handler_id is None:
+            route = getattr(failure.value, "route", None)
+            log.warn("route {route} failed for {method} {path}: {error}",
+                     route=route.describe() if route is not None else "?", method=request.method,
+                     path=request.path, error=failure.getErrorMessage())
+        elif failure.check(HandlerError):
             log.warn("handler {handler_id} failed for {method} {path}: {error}",
                      handler_id=handler_id, method=request.method, path=request.path,
                      error=failure.getErrorMessage())
