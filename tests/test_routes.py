@@ -250,9 +250,15 @@ def test_routes_run_as_the_function_owner_or_handler_role(site, clean_routes):
         CREATE FUNCTION "%(a)s".escape() RETURNS omni_httpd.http_outcome LANGUAGE plpgsql AS $$
         BEGIN
             BEGIN
-                RESET ROLE;
+                IF current_setting('request.method', true) IS NULL THEN
+                    SET ROLE postgres;
+                END IF;
             EXCEPTION WHEN OTHERS THEN
-                RETURN omni_httpd.http_response('refused: ' || SQLERRM);
+                BEGIN
+                    RESET ROLE;
+                EXCEPTION WHEN OTHERS THEN
+                    RETURN omni_httpd.http_response('refused: ' || SQLERRM);
+                END;
             END;
             RETURN omni_httpd.http_response('escaped as ' || current_user);
         END $$;
@@ -367,3 +373,31 @@ def test_writing_handler_role_needs_the_right_to_become_the_role(site):
     finally:
         site.change("DELETE FROM omni_httpd.handler_role")
         sql(site.dsn, 'REVOKE ALL ON omni_httpd.handler_role FROM "%s"' % site.alice)
+
+
+def test_what_a_route_leaves_in_the_session_does_not_reach_the_next(site, clean_routes):
+    """One worker, one session: settings, advisory locks and temporary tables of one
+    route's request are gone when the next request (another route) runs."""
+    site.change("""
+        CREATE OR REPLACE FUNCTION public.litter() RETURNS omni_httpd.http_outcome LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM set_config('app.secret', 'leaked', false);
+            PERFORM pg_advisory_lock(4242);
+            CREATE TEMPORARY TABLE litter_box (x int);
+            SET search_path = pg_temp;
+            RETURN omni_httpd.http_response('littered');
+        END $$;
+        CREATE OR REPLACE FUNCTION public.look() RETURNS omni_httpd.http_outcome LANGUAGE sql AS $$
+            SELECT omni_httpd.http_response(format('setting=%s lock=%s temp=%s path=%s',
+                coalesce(nullif(current_setting('app.secret', true), ''), 'none'),
+                pg_try_advisory_lock(4242),
+                (SELECT count(*) FROM pg_class WHERE relname = 'litter_box'),
+                current_setting('search_path'))) $$;
+        INSERT INTO omni_httpd.urlpattern_router VALUES
+            (omni_httpd.urlpattern('/litter'), 'public.litter()', 0),
+            (omni_httpd.urlpattern('/look'), 'public.look()', 0);
+    """)
+    assert site.get("/litter")[::2] == (200, b"littered")
+    status, _, body = site.get("/look")
+    # The search_path is the session's default again (handlers get pg_temp last).
+    assert (status, body) == (200, b'setting=none lock=t temp=0 path="$user", public, pg_temp')
