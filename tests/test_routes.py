@@ -401,3 +401,20 @@ def test_what_a_route_leaves_in_the_session_does_not_reach_the_next(site, clean_
     status, _, body = site.get("/look")
     # The search_path is the session's default again (handlers get pg_temp last).
     assert (status, body) == (200, b'setting=none lock=t temp=0 path="$user", public, pg_temp')
+
+
+def test_a_role_allowed_to_write_the_shared_router_cannot_route_to_a_superuser_function(site):
+    """omni_httpd.urlpattern_router belongs to the daemon (a superuser here), so the
+    worker's router-owner check lets any role through: the commit-time check is what
+    stops a writer from routing to a function that runs as a role it cannot become."""
+    sql(site.dsn, """CREATE OR REPLACE FUNCTION public.leak() RETURNS omni_httpd.http_outcome LANGUAGE sql
+                     AS $$ SELECT omni_httpd.http_response((SELECT body FROM public.secrets)) $$;
+                     GRANT INSERT, UPDATE ON omni_httpd.urlpattern_router TO "%s" """ % site.alice)
+    try:
+        with pytest.raises(psycopg2.Error) as error:
+            sql(site.alice_dsn, "INSERT INTO omni_httpd.urlpattern_router VALUES "
+                                "(omni_httpd.urlpattern('/leak'), 'public.leak()', 0)")
+        assert "invalid route handler" in str(error.value) and "cannot become" in str(error.value)
+    finally:
+        sql(site.dsn, 'REVOKE ALL ON omni_httpd.urlpattern_router FROM "%s"' % site.alice)
+    assert sql(site.dsn, "SELECT count(*) FROM omni_httpd.urlpattern_router")[0][0] == 0
