@@ -418,3 +418,26 @@ def test_a_role_allowed_to_write_the_shared_router_cannot_route_to_a_superuser_f
     finally:
         sql(site.dsn, 'REVOKE ALL ON omni_httpd.urlpattern_router FROM "%s"' % site.alice)
     assert sql(site.dsn, "SELECT count(*) FROM omni_httpd.urlpattern_router")[0][0] == 0
+
+
+def test_a_handler_role_whose_role_was_dropped_refuses_the_route(site, pg_cluster):
+    """regrole records no dependency: the role can be dropped while handler_role names
+    it. The route is then refused, not run as the function's owner (a superuser here)."""
+    gone = "gone_%d" % os.getpid()
+    sql(pg_cluster.dsn, 'CREATE ROLE "%s"' % gone)
+    sql(site.dsn, """CREATE OR REPLACE FUNCTION public.su_whoami() RETURNS omni_httpd.http_outcome LANGUAGE sql
+                     AS $$ SELECT omni_httpd.http_response(current_user::text) $$;
+                     INSERT INTO omni_httpd.handler_role VALUES ('public.su_whoami()', '"%s"')""" % gone)
+    wait_reloads(site.dsn, 1)
+    sql(pg_cluster.dsn, 'DROP ROLE "%s"' % gone)
+    try:
+        with pytest.raises(psycopg2.Error) as error:
+            sql(site.dsn, "BEGIN; SELECT omni_httpd._install_route('t', 'public.su_whoami()', "
+                          "'omni_httpd.urlpattern_router'); ROLLBACK")
+        assert "no longer exists" in str(error.value)
+        with pytest.raises(psycopg2.Error) as error:
+            sql(site.dsn, "INSERT INTO omni_httpd.urlpattern_router VALUES "
+                          "(omni_httpd.urlpattern('/su'), 'public.su_whoami()', 0)")
+        assert "invalid route handler" in str(error.value)
+    finally:
+        site.change("DELETE FROM omni_httpd.handler_role")

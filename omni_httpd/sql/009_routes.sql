@@ -175,18 +175,22 @@ CREATE TRIGGER handler_role_changed
     AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON omni_httpd.handler_role
     FOR EACH STATEMENT EXECUTE FUNCTION omni_httpd._configuration_changed();
 
--- The role a route to `handler` runs as (NULL: no such function).
+-- The role a route to `handler` runs as. NULL: no such function, or its handler_role
+-- row names a role that was dropped since (regrole records no dependency): such a route
+-- is refused, never run as the function's owner instead.
 CREATE FUNCTION omni_httpd._route_role(handler regprocedure)
     RETURNS name
     LANGUAGE sql STABLE
     SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT coalesce((SELECT r.rolname FROM omni_httpd.handler_role hr
-                     JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) hr.role::pg_catalog.oid
-                     WHERE hr.handler::pg_catalog.oid OPERATOR(pg_catalog.=) $1::pg_catalog.oid),
-                    (SELECT o.rolname FROM pg_catalog.pg_proc p
-                     JOIN pg_catalog.pg_roles o ON o.oid OPERATOR(pg_catalog.=) p.proowner
-                     WHERE p.oid OPERATOR(pg_catalog.=) $1::pg_catalog.oid))
+    SELECT CASE WHEN EXISTS (SELECT FROM omni_httpd.handler_role hr
+                             WHERE hr.handler::pg_catalog.oid OPERATOR(pg_catalog.=) $1::pg_catalog.oid)
+                THEN (SELECT r.rolname FROM omni_httpd.handler_role hr
+                      JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) hr.role::pg_catalog.oid
+                      WHERE hr.handler::pg_catalog.oid OPERATOR(pg_catalog.=) $1::pg_catalog.oid)
+                ELSE (SELECT o.rolname FROM pg_catalog.pg_proc p
+                      JOIN pg_catalog.pg_roles o ON o.oid OPERATOR(pg_catalog.=) p.proowner
+                      WHERE p.oid OPERATOR(pg_catalog.=) $1::pg_catalog.oid) END
 $$;
 
 -- Is `relation` a router: exactly one column of type urlpattern, exactly one of type
@@ -348,7 +352,7 @@ BEGIN
         RAISE EXCEPTION 'invalid route handler' USING DETAIL = signature.problem, ERRCODE = 'check_violation';
     END IF;
     route_role := omni_httpd._route_role(handler);
-    IF NOT omni_httpd._can_become(route_role) THEN
+    IF route_role IS NULL OR NOT omni_httpd._can_become(route_role) THEN
         RAISE EXCEPTION 'invalid route handler'
             USING DETAIL = pg_catalog.format('%s runs as role %s, which %s cannot become (set '
                                              'omni_httpd.handler_role for it)', handler, route_role, current_user),
@@ -603,6 +607,9 @@ BEGIN
     END IF;
     kind := signature.kind;
     role_name := omni_httpd._route_role($2);
+    IF role_name IS NULL THEN
+        RAISE EXCEPTION 'the role omni_httpd.handler_role assigns to % no longer exists', $2;
+    END IF;
     SELECT o.rolname, c.reltype::pg_catalog.regtype::pg_catalog.text INTO router_owner, row_type
     FROM pg_catalog.pg_class c JOIN pg_catalog.pg_roles o ON o.oid OPERATOR(pg_catalog.=) c.relowner
     WHERE c.oid OPERATOR(pg_catalog.=) $3::pg_catalog.oid;

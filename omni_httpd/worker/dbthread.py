@@ -375,7 +375,7 @@ class DBThread:
         Queued like a request: requests queued before run with the old handlers, those
         queued after with the new ones. Fires with {handler id: error text} for the
         handlers that could not be installed (they answer 500 until the next
-        configuration; routes that cannot be installed are keyed ``"route N"``). Handlers
+        configuration; a route that cannot be installed is logged and not served). Handlers
         absent from ``handlers`` are removed. Without a connection it fails with
         `DatabaseUnavailable`, but the configuration is kept and installed as soon as
         the connection is back.
@@ -483,10 +483,9 @@ class DBThread:
             return self._errors()
         return self._install(generation, handlers, routes)
 
-    def _errors(self) -> dict:
-        errors: dict = dict(self._broken)
-        errors.update(("route %d" % route_id, error) for route_id, error in self._routes_broken.items())
-        return errors
+    def _errors(self) -> Dict[int, str]:
+        # Refused routes are logged where they are refused, with their description.
+        return dict(self._broken)
 
     def _install(self, generation: int, handlers: Dict[int, Tuple[str, str]],
                  routes: Sequence[Route] = ()) -> dict:

@@ -17,6 +17,7 @@ from typing import Dict, List
 from twisted.internet import defer
 from twisted.logger import Logger, formatEvent, globalLogBeginner
 
+from omni_httpd.common.routing import Route, RouteTable
 from omni_httpd.common.settings import Settings
 
 log = Logger()
@@ -147,13 +148,11 @@ class Worker:
             if handler is not None:
                 handlers[handler["id"]] = (handler["query"], handler["role_name"])
                 new_map[listener_id] = handler["id"]
-        # Requests dispatched from now on use the new map and are queued after the
-        # installation below; requests already queued run first with the old one.
-        from omni_httpd.common.routing import Route, RouteTable
-
+        # A route refused here (pattern) or by the DB thread (role, signature) is logged
+        # there with its description, not reported again in "applied".
         routes = RouteTable(Route.from_message(entry) for entry in message.get("routes", ()))
-        for route_id, error in sorted(routes.refused.items()):
-            errors.append("route %d: URL pattern refused: %s" % (route_id, error))
+        # Requests dispatched from now on use the new map and routes and are queued after
+        # the installation below; requests already queued run first with the old ones.
         self.handler_map.clear()
         self.handler_map.update(new_map)
         self.executor.set_routes(routes, {listener_id: int(entry["port"])
@@ -161,11 +160,8 @@ class Worker:
         d = self.dbthread.apply_configuration(generation, handlers, routes.routes)
 
         def applied(install_errors):
-            for key, error in sorted((install_errors or {}).items(), key=lambda item: str(item[0])):
-                if isinstance(key, str):        # "route N"
-                    errors.append("%s refused: %s" % (key, error))
-                else:
-                    errors.append("handler %s cannot be installed: %s" % (key, error))
+            for handler_id, error in sorted((install_errors or {}).items()):
+                errors.append("handler %s cannot be installed: %s" % (handler_id, error))
             self.control.send({"type": "applied", "generation": generation, "errors": errors})
 
         def failed(failure):
