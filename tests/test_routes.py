@@ -441,3 +441,17 @@ def test_a_handler_role_whose_role_was_dropped_refuses_the_route(site, pg_cluste
         assert "invalid route handler" in str(error.value)
     finally:
         site.change("DELETE FROM omni_httpd.handler_role")
+
+
+def test_the_route_runtime_pins_its_search_path(site):
+    """SPEC 9: a role's objects cannot stand in for the runtime's. Only the constructor
+    (which names nothing unqualified and stays inlinable) has no SET clause."""
+    unpinned = sql(site.dsn, """
+        SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+        WHERE n.nspname = 'omni_httpd'
+          AND (p.proname IN ('register_router', 'urlpattern') OR p.proname LIKE '\\_route%%'
+               OR p.proname LIKE '%%urlpattern%%' OR p.proname LIKE '%%router%%'
+               OR p.proname IN ('_check_route', '_controls_transactions', '_install_route',
+                                '_flatten_outcome', '_login_role_is_unprivileged'))
+          AND NOT coalesce(array_to_string(p.proconfig, ',') LIKE '%%search_path=%%', false)""")
+    assert unpinned == [("omni_httpd.urlpattern(text,text,text,omni_http.http_method,text,integer,text,text,text)",)]
