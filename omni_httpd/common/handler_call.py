@@ -18,6 +18,7 @@ handler exactly the same way (docs/architecture.md, "Executing a handler"):
 """
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
@@ -360,7 +361,13 @@ def route_parameters(request: Request, route_row: str, outcome: Optional[Handler
                 text_array(names) if names is not None else None,
                 text_array(values) if values is not None else None, body, _text(proxy_url),
                 None if preserve_host is None else (b"\x01" if preserve_host else b"\x00")]
-    return ([_INT4.pack(request.listener_id)] + base[:6] + [_text(route_row)] + flat + [base[6]])
+    return ([_INT4.pack(request.listener_id)] + base[:6] + [_route_text(route_row)] + flat + [base[6]])
+
+
+@functools.lru_cache(maxsize=1024)
+def _route_text(route_row: str) -> bytes:
+    # The same few route rows on every request: encode each once.
+    return route_row.encode("utf-8")
 
 
 def call_route(conn: psycopg.Connection, installed: Installed, request: Request, route_row: str,
