@@ -21,6 +21,7 @@ HEADER = "omnigres-connecting-ip"
 _FORWARDED_FOR = re.compile(r'(?:^|[;,\s])for\s*=\s*("(?:[^"\\]|\\.)*"|[^;,\s]*)', re.IGNORECASE)
 
 
+@functools.lru_cache(maxsize=4096)
 def peer_address(peer: str) -> Optional[str]:
     """``ip:port`` / ``[ipv6]:port`` (request.peer) -> the bare IP address, or None."""
     if not peer:
@@ -98,6 +99,9 @@ def with_connecting_ip(headers: List[Tuple[str, str]], peer: str,
     """``headers`` (lower-case names) without the client's ``omnigres-connecting-ip``
     and with ours appended."""
     value = connecting_ip(headers, peer, trust)
-    kept = [(name, v) for name, v in headers if name != HEADER]
-    kept.append((HEADER, value))
-    return kept
+    if any(name == HEADER for name, _ in headers):
+        headers = [(name, v) for name, v in headers if name != HEADER]
+    else:
+        headers = list(headers)
+    headers.append((HEADER, value))
+    return headers

@@ -66,7 +66,9 @@ class RouteTable:
     def __init__(self, routes: Iterable[Route] = ()):
         self.routes: List[Route] = []
         self.refused: Dict[int, str] = {}
-        self._compiled: List[Tuple[Route, object]] = []
+        # (route, compiled pattern, the components it names: only those are compared,
+        # the others are wildcards in the standard's sense)
+        self._compiled: List[Tuple[Route, object, Tuple[str, ...]]] = []
         for route in routes:
             try:
                 compiled = compile_pattern(route.pattern)
@@ -76,7 +78,7 @@ class RouteTable:
                          route=route.describe(), error=exc)
                 continue
             self.routes.append(route)
-            self._compiled.append((route, compiled))
+            self._compiled.append((route, compiled, tuple(name for name in COMPONENTS if name in route.pattern)))
 
     def __len__(self) -> int:
         return len(self.routes)
@@ -86,8 +88,10 @@ class RouteTable:
         if not self._compiled:
             return []
         url = url_components(request, port)
-        return [route for route, compiled in self._compiled
-                if (route.method is None or route.method == request.method) and compiled.test(url)]
+        method = request.method
+        return [route for route, compiled, names in self._compiled
+                if (route.method is None or route.method == method)
+                and compiled.test({name: url[name] for name in names})]
 
 
 def url_components(request: Request, port: int) -> Dict[str, str]:
