@@ -424,8 +424,9 @@ BEGIN
                 PERFORM omni_httpd.reload_configuration();     -- no longer a router
             END IF;
         EXCEPTION WHEN OTHERS THEN
-            RAISE WARNING 'omni_httpd: table % is a router but could not be registered: %',
-                command.objid::pg_catalog.regclass, SQLERRM;
+            RAISE WARNING 'omni_httpd: table % could not be checked or registered as a router: %',
+                command.objid::pg_catalog.regclass, SQLERRM
+                USING HINT = 'Its owner can call omni_httpd.register_router() for it.';
         END;
     END LOOP;
 END
