@@ -63,3 +63,16 @@ def test_trusted_proxies_option():
     options.parseOptions(["--trusted-proxies", "10.0.0.0/8, loopback"])
     assert options.settings.trusted_proxies == "10.0.0.0/8,loopback"
     assert Settings().trusted_proxies == ""
+
+
+def test_remembered_matches_stay_right_and_bounded(monkeypatch):
+    from omni_httpd.common import routing
+
+    monkeypatch.setattr(routing, "MATCH_CACHE_SIZE", 3)
+    table = RouteTable([route(1, pathname="/a/:x"), route(2, hostname="b.test")])
+    for _ in range(2):
+        for n in range(10):
+            assert [r.id for r in table.match(request("/a/%d" % n), 80)] == [1]
+            assert [r.id for r in table.match(request("/a/%d" % n, host="b.test"), 80)] == [1, 2]
+            assert [r.id for r in table.match(request("/z", method="POST", host="b.test"), 80)] == [2]
+    assert len(table._cache) <= 3

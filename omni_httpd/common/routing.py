@@ -60,6 +60,11 @@ def compile_pattern(pattern: Dict[str, str]):
     return urlpattern.URLPattern({name: str(value) for name, value in pattern.items()})
 
 
+#: Match results remembered per table (requests repeat their URLs); the memory is
+#: bounded whatever clients send: the cache is emptied when it holds this many.
+MATCH_CACHE_SIZE = 4096
+
+
 class RouteTable:
     """The routes of one configuration, in the order they are tried."""
 
@@ -69,6 +74,7 @@ class RouteTable:
         # (route, compiled pattern, the components it names: only those are compared,
         # the others are wildcards in the standard's sense)
         self._compiled: List[Tuple[Route, object, Tuple[str, ...]]] = []
+        self._cache: Dict[tuple, List[Route]] = {}
         for route in routes:
             try:
                 compiled = compile_pattern(route.pattern)
@@ -87,11 +93,19 @@ class RouteTable:
         """The routes matching ``request`` (arrived on a listener bound to ``port``), in order."""
         if not self._compiled:
             return []
-        url = url_components(request, port)
-        method = request.method
-        return [route for route, compiled, names in self._compiled
-                if (route.method is None or route.method == method)
-                and compiled.test({name: url[name] for name in names})]
+        key = (port, request.method, request.path, request.query_string, request.scheme,
+               request.header("host"))
+        found = self._cache.get(key)
+        if found is None:
+            url = url_components(request, port)
+            method = request.method
+            found = [route for route, compiled, names in self._compiled
+                     if (route.method is None or route.method == method)
+                     and compiled.test({name: url[name] for name in names})]
+            if len(self._cache) >= MATCH_CACHE_SIZE:
+                self._cache.clear()
+            self._cache[key] = found
+        return list(found)
 
 
 def url_components(request: Request, port: int) -> Dict[str, str]:
