@@ -19,6 +19,13 @@ from workloads import Workload
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PEERS_DIR = os.path.join(HERE, "peers")
+SQL_DIR = os.path.join(os.path.dirname(HERE), "omni_httpd", "sql")
+
+
+def latest_migration() -> int:
+    """The highest migration version the daemon under test will apply."""
+    return max(int(name.split("_", 1)[0]) for name in os.listdir(SQL_DIR)
+               if name.endswith(".sql") and name.split("_", 1)[0].isdigit())
 
 
 class ServerError(Exception):
@@ -342,10 +349,17 @@ class DaemonServer(Server):
         self.proc.start()
         conn = self._connect()
         try:
+            latest = latest_migration()
+
             def schema_ready():
+                # Every migration applied (each commits on its own: the first tables
+                # exist well before the last migration, e.g. routes, is in).
                 with conn.cursor() as cur:
-                    cur.execute("SELECT to_regclass('omni_httpd.listeners_handlers') IS NOT NULL "
-                                "AND to_regclass('omni_httpd.configuration_reloads') IS NOT NULL")
+                    cur.execute("SELECT to_regclass('omni_httpd.schema_migrations') IS NOT NULL")
+                    if not cur.fetchone()[0]:
+                        return False
+                    cur.execute("SELECT coalesce(max(version), 0) >= %s FROM omni_httpd.schema_migrations",
+                                (latest,))
                     return cur.fetchone()[0]
             self._wait("the daemon to install its schema", schema_ready, 60)
             self.schema_seconds = time.monotonic() - self.started_at
