@@ -48,6 +48,10 @@ setup(
         # llhttp (the C parser behind Node's HTTP) for HTTP/1: twisted.web's parser costs
         # more per request than the database round trip (see docs/performance.md).
         "httptools>=0.6",
+        # WHATWG URL Pattern matching of routes (omni_httpd.urlpattern) in the workers:
+        # the standard's own semantics (named groups, regexp groups, wildcards) from a
+        # maintained implementation instead of a hand-written matcher.
+        "urlpattern>=0.3",
         # Admin console: Klein routes on twisted.web, argon2 password hashing,
         # itsdangerous signed session cookies and CSRF tokens.
         "klein>=23.5",

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark omni_httpd against peers and ceilings. The one entry point of bench/.
 
-    python bench/run.py [--duration 10] [--workloads W1,W2,W3] [--targets ...] [--smoke]
+    python bench/run.py [--duration 10] [--workloads W1,W1route,W2,W3] [--targets ...] [--smoke]
     python bench/run.py --soak MINUTES [--reload-every 10] [--sample-every 5]
 
 Starts a private PostgreSQL (omni_httpd.embedded_pg) in a temporary directory, then runs
@@ -426,7 +426,8 @@ def parse_args(argv=None):
     parser.add_argument("--duration", type=int, default=None, help="seconds per measurement (default 10, smoke 1)")
     parser.add_argument("--warmup", type=int, default=None,
                         help="seconds of unrecorded load before each measurement (default 2, smoke 0)")
-    parser.add_argument("--workloads", default="W1,W2,W3,W4", help="comma-separated, from W1,W2,W3,W4")
+    parser.add_argument("--workloads", default="W1,W1route,W2,W3,W4",
+                        help="comma-separated, from W1,W1route (W1 as a route),W2,W3,W4")
     parser.add_argument("--targets", default=None,
                         help="comma-separated, from %s (default all; smoke: %s)"
                         % (",".join(t.id for t in TARGETS), ",".join(SMOKE_TARGETS)))
@@ -459,7 +460,8 @@ def parse_args(argv=None):
         args.warmup = 0 if args.smoke else 2
     if args.reload_samples is None:
         args.reload_samples = 5 if args.smoke else 20
-    names = [w.strip().upper() for w in args.workloads.split(",") if w.strip()]
+    by_name = {name.upper(): name for name in WORKLOADS}
+    names = [by_name.get(w.strip().upper(), w.strip()) for w in args.workloads.split(",") if w.strip()]
     unknown = [w for w in names if w not in WORKLOADS]
     if unknown or not names:
         parser.error("unknown workload(s): %s" % ", ".join(unknown or ["(none)"]))

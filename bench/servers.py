@@ -379,7 +379,13 @@ class DaemonServer(Server):
             conn.autocommit = False
             with conn.cursor() as cur:
                 for workload in self.workloads:
-                    self.listener_ids[workload.name] = self._add_listener(cur, workload.handler)
+                    if workload.route_sql:
+                        cur.execute(workload.route_sql)
+                        cur.execute("INSERT INTO omni_httpd.listeners(address, port) "
+                                    "VALUES ('127.0.0.1', 0) RETURNING id")
+                        self.listener_ids[workload.name] = cur.fetchone()[0]
+                    else:
+                        self.listener_ids[workload.name] = self._add_listener(cur, workload.handler)
                 self.listener_ids["reload"] = self._add_listener(
                     cur, "SELECT omni_httpd.http_response('reload 0') FROM request")
                 cur.execute("SELECT handler_id FROM omni_httpd.listeners_handlers WHERE listener_id = %s",

@@ -12,6 +12,25 @@ W1_HANDLER = (
     "FROM request INNER JOIN users "
     "ON string_to_array(request.path, '/', '') = array[NULL, 'users', users.handle]"
 )
+# W1 written as a route (docs/sql-api.md, "Routes"): the same request and answer, served
+# by a function a urlpattern_router row names, on a listener without a handler. PL/pgSQL,
+# as the daemon runs handler queries: it keeps the statement's plan for the session,
+# where PostgreSQL before 18 plans a LANGUAGE sql function's query (one with a FROM, which
+# it cannot inline) again on every call (measured: twice the PostgreSQL time per request).
+W1_ROUTE = """
+CREATE OR REPLACE FUNCTION public.bench_w1(request omni_httpd.http_request)
+RETURNS omni_httpd.http_outcome LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (SELECT omni_httpd.http_response(
+                headers => array[omni_http.http_header('content-type', 'text/html')],
+                body => 'Hello, <b>' || users.name || '</b>!')
+            FROM users WHERE users.handle = split_part(request.path, '/', 3));
+END
+$$;
+DELETE FROM omni_httpd.urlpattern_router WHERE handler = 'public.bench_w1(omni_httpd.http_request)'::regprocedure;
+INSERT INTO omni_httpd.urlpattern_router (match, handler)
+VALUES (omni_httpd.urlpattern('/users/:handle', method => 'GET'), 'public.bench_w1(omni_httpd.http_request)');
+"""
 W2_HANDLER = "SELECT omni_httpd.http_response(convert_from(request.body, 'UTF8')::jsonb) FROM request"
 W3_HANDLER = "SELECT omni_httpd.http_response(repeat('x', 262144)) FROM request"
 
@@ -55,6 +74,9 @@ class Workload:
     handler: str
     response_type: str  # expected media type (before any ';')
     check_body: Callable[[bytes], Optional[str]]
+    #: the daemon serves it through routes: this SQL makes them (handler: the same work as
+    #: a handler query, for pgbench and the peers)
+    route_sql: Optional[str] = None
 
     def check(self, status: int, content_type: Optional[str], body: bytes) -> Optional[str]:
         """None when the response is right, else a one-line reason."""
@@ -98,6 +120,8 @@ def _check_w4(body: bytes) -> Optional[str]:
 WORKLOADS = {
     "W1": Workload("W1", "GET /users/johndoe (users join, HTML)", "GET", "/users/johndoe", None, None,
                    W1_HANDLER, "text/html", _check_w1),
+    "W1route": Workload("W1route", "W1 served by a route (urlpattern_router -> SQL function)", "GET",
+                        "/users/johndoe", None, None, W1_HANDLER, "text/html", _check_w1, W1_ROUTE),
     "W2": Workload("W2", "POST 4 KiB JSON, echoed as jsonb", "POST", "/echo", w2_payload(),
                    "application/json", W2_HANDLER, "application/json", _check_w2),
     "W3": Workload("W3", "GET 256 KiB body", "GET", "/big", None, None,
@@ -127,7 +151,7 @@ def peer_sql(workload: Workload) -> str:
     import sys
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers"))
     import common
-    if workload.name == "W1":
+    if workload.name in ("W1", "W1route"):
         return common.W1_SQL.replace("$1", _quote(workload.path))
     if workload.name == "W2":
         return common.W2_SQL.replace("$1", "'\\x%s'" % (workload.body or b"").hex())

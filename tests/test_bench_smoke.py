@@ -44,7 +44,7 @@ def test_bench_smoke(tmp_path):
     rows = {(r["target"], r["workload"]): r for r in results["rows"]}
     expected_targets = ["daemon-h1"] + (["daemon-h2c"] if shutil.which("h2load") else [])
     for target in expected_targets:
-        for workload in ("W1", "W2", "W3"):
+        for workload in ("W1", "W1route", "W2", "W3"):
             r = rows[(target, workload)]
             assert r["rps"] is not None, (target, workload, r["message"], output)
             assert r["requests"] > 0 and r["errors"] == 0 and r["non2xx"] == 0, (r, output)

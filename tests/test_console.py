@@ -30,10 +30,10 @@ from daemon_support import send_and_read, sql
 PASSWORD = "correct horse battery staple"
 
 GET_ROUTES = ["/", "/status.json", "/listeners", "/listeners/new", "/listeners/1",
-              "/handlers", "/handlers/new", "/handlers/1", "/handlers/1/try", "/try"]
+              "/handlers", "/handlers/new", "/handlers/1", "/handlers/1/try", "/try", "/routes"]
 POST_ROUTES = ["/logout", "/reload", "/listeners/new", "/listeners/1", "/listeners/1/delete",
                "/listeners/1/attach", "/listeners/1/detach", "/handlers/new", "/handlers/1",
-               "/handlers/1/delete", "/handlers/1/try", "/try"]
+               "/handlers/1/delete", "/handlers/1/try", "/try", "/routes/try"]
 
 
 def state_fixture():
@@ -652,3 +652,39 @@ async def test_try_a_handler(served):
     page = await client.post("/try", dict(fields, query="SELECT omni_httpd.http_response(coalesce(request.query_string, 'NULL')) FROM request",
                                           query_string=""))
     assert '<pre class="body" id="outcome-body">NULL</pre>' in page.text
+
+
+@pytest_twisted.ensureDeferred
+async def test_routes_are_listed_and_tried_on_a_listener(served):
+    dsn = served.dsn
+    sql(dsn, """
+        CREATE TABLE route_visits (n int);
+        CREATE FUNCTION public.console_user(request omni_httpd.http_request) RETURNS omni_httpd.http_outcome
+        LANGUAGE plpgsql AS $$ BEGIN INSERT INTO route_visits VALUES (1);
+            RETURN omni_httpd.http_response('<b>user</b> ' || split_part(request.path, '/', 3)); END $$;
+        CREATE FUNCTION public.console_stamp(INOUT outcome omni_httpd.http_outcome) LANGUAGE sql AS $$
+            SELECT omni_httpd.http_response(headers => ARRAY[omni_http.http_header('x-stamp', '1')]) $$;
+        INSERT INTO omni_httpd.urlpattern_router VALUES
+            (omni_httpd.urlpattern('/users/:id', method => 'GET'), 'public.console_user(omni_httpd.http_request)', 1),
+            (omni_httpd.urlpattern('*'), 'public.console_stamp(omni_httpd.http_outcome)', 9);
+        INSERT INTO omni_httpd.listeners (port) VALUES (0);
+    """)
+    listener_id = sql(dsn, "SELECT max(id) FROM omni_httpd.listeners")[0][0]
+    client = await logged_in(served)
+    page = await client.get("/routes")
+    assert page.status == 200
+    assert "pathname=/users/:id" in page.text and "public.console_user(omni_httpd.http_request)" in page.text
+    fields = {"listener_id": str(listener_id), "method": "GET", "path": "/users/7", "query_string": "",
+              "headers": "", "body": ""}
+    # CSRF as everywhere else
+    refused = await client.post("/routes/try", fields, csrf=False)
+    assert refused.status == 403
+    page = await client.post("/routes/try", fields)
+    assert page.status == 200, page.text
+    assert "Answered by <code>omni_httpd.urlpattern_router GET pathname=/users/:id -&gt; " \
+           "public.console_user(omni_httpd.http_request)</code>" in page.text
+    assert "&lt;b&gt;user&lt;/b&gt; 7" in page.text          # autoescaped
+    assert "<th>x-stamp</th><td>1</td>" in page.text
+    assert sql(dsn, "SELECT count(*) FROM route_visits") == [(0,)]     # rolled back
+    page = await client.post("/routes/try", dict(fields, path="/other"))
+    assert "(middleware; no handler matched)" in page.text

@@ -133,7 +133,8 @@ def test_simple_get():
     [req] = c.dispatch.requests
     assert (req.method, req.path, req.query_string, req.body) == ("GET", "/users/john", None, b"")
     assert (req.http_version, req.listener_id, req.scheme, req.peer) == ("1.1", 7, "http", "10.1.2.3:40000")
-    assert req.headers == [("host", "example")]
+    # The worker adds the client's address (docs/sql-api.md, "Client address").
+    assert req.headers == [("host", "example"), ("omnigres-connecting-ip", "10.1.2.3")]
     [resp] = c.responses()
     assert (resp.status, resp.reason, resp.body) == (200, "OK", b"hello /users/john")
     assert resp.header("content-type") == "text/plain"
@@ -166,8 +167,17 @@ def test_headers_lower_cased_in_arrival_order():
     c.send(b"GET / HTTP/1.1\r\nX-B: 2\r\nHost: h\r\nx-b: 1\r\nAccept:  text/html \r\n"
            b"X-Latin: caf\xe9\r\n\r\n")
     [req] = c.dispatch.requests
-    assert req.headers == [("x-b", "2"), ("host", "h"), ("x-b", "1"), ("accept", "text/html"),
-                           ("x-latin", "caf\xe9")]
+    assert req.headers[:-1] == [("x-b", "2"), ("host", "h"), ("x-b", "1"), ("accept", "text/html"),
+                                ("x-latin", "caf\xe9")]
+    assert req.headers[-1][0] == "omnigres-connecting-ip"
+
+
+def test_a_client_sent_connecting_ip_is_replaced_by_the_peer_address():
+    c = Conn()
+    c.send(b"GET / HTTP/1.1\r\nHost: h\r\nOmnigres-Connecting-IP: 6.6.6.6\r\n"
+           b"omnigres-connecting-ip: 7.7.7.7\r\nX-Forwarded-For: 8.8.8.8\r\n\r\n")
+    [req] = c.dispatch.requests
+    assert [v for n, v in req.headers if n == "omnigres-connecting-ip"] == ["10.1.2.3"]
 
 
 def test_post_body_content_length_in_pieces():

@@ -213,3 +213,34 @@ def test_closed_connection_cancels_queued_streams_and_the_sibling_channel_surviv
     assert ran <= 1, "%d of 40 queued handlers ran" % ran
     log = "\n".join(daemon.lines[mark:])
     assert "Traceback" not in log and "re-sent to worker" not in log, log[-3000:]
+
+
+def test_routes_over_http2_run_on_a_sibling_too_without_a_spoofed_client_address(two_workers):
+    """Two streams of one connection: the slow one holds this worker's DB thread, so the
+    other is re-sent to the sibling, which must match and run the same route."""
+    dsn, daemon = two_workers
+    sql(dsn, """
+        CREATE FUNCTION public.h2_route(request omni_httpd.http_request, route omni_httpd.urlpattern_router)
+        RETURNS omni_httpd.http_outcome LANGUAGE sql AS $$
+            SELECT omni_httpd.http_response(format('%s %s %s %s', (route.match).pathname, request.path,
+                   omni_http.http_header_get(request.headers, 'omnigres-connecting-ip'), pg_backend_pid()))
+            WHERE pg_sleep(CASE WHEN request.path = '/h2/slow' THEN 1 ELSE 0 END) IS NOT NULL $$;
+        INSERT INTO omni_httpd.urlpattern_router VALUES
+            (omni_httpd.urlpattern('/h2/:which'), 'public.h2_route(omni_httpd.http_request, omni_httpd.urlpattern_router)', 0);
+    """)
+    wait_reloads(dsn, 1)
+    listener = add_listener(dsn, None)
+    wait_reloads(dsn, 1)
+    port = effective_port(dsn, listener)
+    try:
+        slow, fast = h2_exchange(port, [("GET", "/h2/slow", b""), ("GET", "/h2/fast", b"")],
+                                 headers=[("omnigres-connecting-ip", "6.6.6.6")])
+        assert (slow.status, fast.status) == (200, 200), daemon.output[-3000:]
+        slow_words, fast_words = slow.body.split(), fast.body.split()
+        assert slow_words[:3] == [b"/h2/:which", b"/h2/slow", b"127.0.0.1"]
+        assert fast_words[:3] == [b"/h2/:which", b"/h2/fast", b"127.0.0.1"]
+        assert slow_words[3] != fast_words[3]      # two workers' sessions
+    finally:
+        sql(dsn, "DELETE FROM omni_httpd.listeners WHERE id = %s; TRUNCATE omni_httpd.urlpattern_router"
+            % listener)
+        wait_reloads(dsn, 1)

@@ -18,6 +18,7 @@ handler exactly the same way (docs/architecture.md, "Executing a handler"):
 """
 from __future__ import annotations
 
+import functools
 import select
 import struct
 from dataclasses import dataclass
@@ -37,7 +38,6 @@ _PROBE_REQUEST = ("SELECT NULL::omni_http.http_method AS method, NULL::pg_catalo
                   "NULL::pg_catalog.text AS query_string, NULL::pg_catalog.bytea AS body, "
                   "NULL::omni_http.http_header[] AS headers")
 
-_BINARY = [1] * 7
 _INT4 = struct.Struct("!i")
 _ARRAY_HEADER = struct.Struct("!iiIii")       # ndim, has nulls, element type, length, lower bound
 _EMPTY_TEXT_ARRAY = struct.pack("!iiI", 0, 0, 25)
@@ -77,6 +77,12 @@ class Installed:
 
     function: str
     statement: bytes
+    #: routes only: 'handler' or 'middleware'
+    kind: str = "handler"
+    #: routes only: a procedure run non-atomic (a top-level CALL under SET ROLE ``role``;
+    #: ``function`` is empty: nothing was created in the session)
+    nonatomic: bool = False
+    role: Optional[str] = None
 
 
 def error_text(exc: psycopg.Error) -> str:
@@ -170,7 +176,61 @@ def install(conn: psycopg.Connection, handler_id: int, generation: int, query: s
     return Installed(name, statement)
 
 
+def route_function_name(route_id: int, generation: int) -> str:
+    return "omni_httpd_r%d_g%d" % (route_id, generation)
+
+
+def route_statement_name(route_id: int) -> bytes:
+    return b"omni_httpd_r%d" % route_id
+
+
+def install_route(conn: psycopg.Connection, route_id: int, generation: int, handler_oid: int,
+                  router_oid: int) -> Installed:
+    """Create route ``route_id``'s function for ``generation`` and prepare its call.
+
+    ``omni_httpd._install_route`` refuses (raises) a route that must not run: see it in
+    sql/009_routes.sql. The caller deallocates a previous statement of the same route.
+    """
+    name = route_function_name(route_id, generation)
+    oid, xmin, kind, role, call_statement, method_type = conn.execute(
+        "SELECT i.function_oid::pg_catalog.int8, i.function_xmin::pg_catalog.text, i.kind, "
+        "i.role_name::pg_catalog.text, i.call_statement, "
+        "'omni_http.http_method'::pg_catalog.regtype::pg_catalog.oid::pg_catalog.int8 "
+        "FROM omni_httpd._install_route(%s, %s::pg_catalog.oid::pg_catalog.regprocedure, "
+        "%s::pg_catalog.oid::pg_catalog.regclass) i",
+        (name, handler_oid, router_oid)).fetchone()
+    statement = route_statement_name(route_id)
+    if kind == "nonatomic":
+        # The CALL names every parameter's type: it need not use all fifteen.
+        types = [23, int(method_type), 25, 25, 17, 1009, 1009, 25, 25, 23, 1009, 1009, 17, 25, 16]
+        # Parsed as the role it runs as: the daemon's own role may not even see its schema.
+        conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role)))
+        try:
+            _check(conn, conn.pgconn.prepare(statement, call_statement.encode("utf-8"), types))
+        finally:
+            if not conn.broken:
+                conn.execute("RESET ROLE")
+        signature = conn.execute("SELECT s.kind FROM omni_httpd._route_signature("
+                                 "%s::pg_catalog.oid::pg_catalog.regprocedure, "
+                                 "%s::pg_catalog.oid::pg_catalog.regclass) s",
+                                 (handler_oid, router_oid)).fetchone()[0]
+        return Installed("", statement, signature, nonatomic=True, role=role)
+    call_text = sql.SQL(
+        "SELECT * FROM pg_temp.{}($1, omni_httpd._before_request($2, {}::pg_catalog.oid, {}::pg_catalog.xid, $16), "
+        "$3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) WITH ORDINALITY").format(
+            sql.Identifier(name), sql.Literal(int(oid)), sql.Literal(str(int(xmin))))
+    try:
+        _check(conn, conn.pgconn.prepare(statement, call_text.as_bytes(conn)))
+    except psycopg.Error:
+        if not conn.broken:
+            drop_function(conn, name)
+        raise
+    return Installed(name, statement, kind)
+
+
 def drop_function(conn: psycopg.Connection, name: str) -> None:
+    if not name:
+        return      # a non-atomic route: nothing was created
     conn.execute(sql.SQL("DROP FUNCTION IF EXISTS pg_temp.{}").format(sql.Identifier(name)))
 
 
@@ -286,6 +346,99 @@ def read_row(res: pq.abc.PGresult) -> Optional[HandlerRow]:
             preserve_host == b"\x01" if preserve_host is not None else None)
 
 
+_NO_OUTCOME: List[Optional[bytes]] = [None] * 7
+
+
+def route_parameters(request: Request, route_row: str, outcome: Optional[HandlerRow],
+                     own_objects: int) -> List[Optional[bytes]]:
+    """The sixteen binary parameters of a route call."""
+    base = parameters(request, own_objects)
+    if outcome is None:
+        flat = _NO_OUTCOME
+    else:
+        kind, status, names, values, body, proxy_url, preserve_host = outcome
+        flat = [_text(kind), _INT4.pack(status) if status is not None else None,
+                text_array(names) if names is not None else None,
+                text_array(values) if values is not None else None, body, _text(proxy_url),
+                None if preserve_host is None else (b"\x01" if preserve_host else b"\x00")]
+    return ([_INT4.pack(request.listener_id)] + base[:6] + [_route_text(route_row)] + flat + [base[6]])
+
+
+@functools.lru_cache(maxsize=1024)
+def _route_text(route_row: str) -> bytes:
+    # The same few route rows on every request: encode each once.
+    return route_row.encode("utf-8")
+
+
+def call_route(conn: psycopg.Connection, installed: Installed, request: Request, route_row: str,
+               outcome: Optional[HandlerRow], own_objects: int,
+               clean_after_failure: bool = True) -> Optional[HandlerRow]:
+    """Run one route for ``request`` with the outcome so far; as `call` for errors."""
+    params = route_parameters(request, route_row, outcome, own_objects)
+    if installed.nonatomic:
+        return _call_nonatomic(conn, installed, params[:15], own_objects)
+    return _execute(conn, installed, params, clean_after_failure)
+
+
+_FLATTEN = b"SELECT * FROM omni_httpd._flatten_outcome($1::pg_catalog.text::omni_httpd.http_outcome)"
+
+
+def _call_nonatomic(conn: psycopg.Connection, installed: Installed, params: List[Optional[bytes]],
+                    own_objects: int) -> Optional[HandlerRow]:
+    """A transaction-controlling procedure, as a top-level CALL (so it may COMMIT) under
+    SET ROLE: only ever installed when the login role has nothing of its own to gain by a
+    RESET ROLE (omni_httpd._login_role_is_unprivileged). Several round trips; such
+    procedures are rare."""
+    pgconn = conn.pgconn
+    if temporary_objects(conn) != own_objects:
+        raise SessionDirty("a request left temporary objects in the session")
+    conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(installed.role)))
+    res = pgconn.exec_prepared(installed.statement, params, [1] * len(params), 0)
+    failed = res.status != pq.ExecStatus.TUPLES_OK
+    if failed and pgconn.status == pq.ConnStatus.BAD:
+        raise DatabaseUnavailable(result_error_text(res))
+    sqlstate = res.error_field(pq.DiagnosticField.SQLSTATE) if failed else None
+    message = result_error_text(res) if failed else None
+    value = None if failed or res.ntuples == 0 else res.get_value(0, 0)
+    conn.execute("RESET ROLE")
+    after_failure(conn)     # the same clean-up a handler function ends with
+    if failed:
+        raise HandlerError(message, sqlstate.decode() if sqlstate else None)
+    if value is None:
+        return None
+    flat = pgconn.exec_params(_FLATTEN, [value], None, [0], 1)
+    if flat.status != pq.ExecStatus.TUPLES_OK:
+        raise HandlerError(result_error_text(flat))
+    return read_row(flat)
+
+
+def ends_processing(row: Optional[HandlerRow]) -> bool:
+    """Does a middleware's outcome end the chain: an abort or proxy, or a response with
+    a body or a status other than 200. NULL, or a 200 response of headers only (the
+    headers a middleware adds to whatever answers), goes on to the next route."""
+    if row is None:
+        return False
+    kind, status, _names, _values, body, _url, _preserve = row
+    return kind != "response" or body is not None or (status or 200) != 200
+
+
+def merge(pending: Optional[HandlerRow], row: Optional[HandlerRow]) -> Optional[HandlerRow]:
+    """A handler's outcome with the headers the middleware before it set (those of a
+    name the handler did not set itself); a NULL outcome leaves the middleware's."""
+    if row is None:
+        return pending
+    if pending is None or row[0] != "response" or not pending[2]:
+        return row
+    kind, status, names, values, body, url, preserve = row
+    names, values = list(names or []), list(values or [])
+    own = {name.lower() for name in names}
+    for name, value in zip(pending[2], pending[3] or []):
+        if name.lower() not in own:
+            names.append(name)
+            values.append(value)
+    return (kind, status, names, values, body, url, preserve)
+
+
 def call(conn: psycopg.Connection, installed: Installed, request: Request,
          own_objects: int, clean_after_failure: bool = True) -> Optional[HandlerRow]:
     """Run the handler for ``request``: one round trip when it succeeds.
@@ -294,8 +447,13 @@ def call(conn: psycopg.Connection, installed: Installed, request: Request,
     has been cleaned unless ``clean_after_failure`` is false, for a session that is
     closed anyway) or `DatabaseUnavailable` (the connection is gone).
     """
+    return _execute(conn, installed, parameters(request, own_objects), clean_after_failure)
+
+
+def _execute(conn: psycopg.Connection, installed: Installed, params: List[Optional[bytes]],
+             clean_after_failure: bool) -> Optional[HandlerRow]:
     pgconn = conn.pgconn
-    res = pgconn.exec_prepared(installed.statement, parameters(request, own_objects), _BINARY, 1)
+    res = pgconn.exec_prepared(installed.statement, params, [1] * len(params), 1)
     if res.status == pq.ExecStatus.TUPLES_OK:
         return read_row(res)
     failure = _failure(pgconn, res)
@@ -415,3 +573,35 @@ def after_failure(conn: psycopg.Connection) -> None:
         raise DatabaseUnavailable(result_error_text(res))
     # Our own function failing means the session can no longer be trusted.
     raise SessionDirty(result_error_text(res))
+
+
+@dataclass(frozen=True)
+class ChainResult:
+    """What a route chain answered: ``row`` as `call` returns it; ``answered_by`` the
+    route (its `Route`) whose outcome it is, None when nothing ran or answered;
+    ``handled`` False when no handler ran (the outcome is the middleware's, or none: 404)."""
+
+    row: Optional[HandlerRow]
+    answered_by: object
+    handled: bool
+
+
+def run_chain(conn: psycopg.Connection, steps: Sequence[Tuple[Installed, object]], request: Request,
+              own_objects: int, clean_after_failure: bool = True) -> ChainResult:
+    """Run matching routes in order: middleware pass the outcome on (`ends_processing`
+    stops early), the first handler ends the chain. Each route is one prepared statement,
+    its own transaction. ``steps``: (installed route, `Route`) pairs."""
+    pending: Optional[HandlerRow] = None
+    answered_by = None
+    for installed, route in steps:
+        try:
+            row = call_route(conn, installed, request, route.row, pending, own_objects, clean_after_failure)
+        except HandlerError as error:
+            error.route = route     # for the log: which route of the chain failed
+            raise
+        if installed.kind == "handler":
+            return ChainResult(merge(pending, row), route, True)
+        pending, answered_by = row, route
+        if ends_processing(row):
+            break
+    return ChainResult(pending, answered_by if pending is not None else None, False)

@@ -56,6 +56,9 @@ class Settings:
     # Trust X-Forwarded-For / Forwarded (and X-Forwarded-Proto/-Host) sent by the client:
     # only when every client reaches us through a proxy that sets them.
     trust_forwarded: bool = False
+    # Peers (networks, addresses) whose X-Forwarded-For / Forwarded are believed, for the
+    # omnigres-connecting-ip header and proxy outcomes alike (common/client_address.py).
+    trusted_proxies: str = ""
     proxy_allow: str = "any"                   # addresses a proxy outcome may connect to
     proxy_deny: str = ""                       # ... minus these
     admin_hosts: str = ""                      # extra Host names of the console, comma-separated

@@ -668,6 +668,51 @@ class AdminConsole:
             raise NotFound("There is no handler %d." % handler_id)
         return self._redirect(request, "/handlers", done="handler-deleted")
 
+    # --- routes -----------------------------------------------------------------------
+
+    async def _routes_page(self, request, sid, form=None, status=200, view=None, trial=None,
+                           problem=None, form_error=None):
+        loaded = await self._db.run(db.routes)
+        listeners = await self._db.run(db.listeners)
+        if form is None:
+            served = [l for l in listeners if not l["handler_ids"]]
+            form = {"listener_id": str(served[0]["id"]) if served else "", "method": "GET",
+                    "path": "/", "query_string": "", "headers": "", "body": ""}
+        return self._render(request, "routes.html", status=status, sid=sid, nav="routes",
+                            routes=loaded["routes"], router_problems=loaded["problems"],
+                            listeners=listeners, form=form, methods=TRY_METHODS, view=view,
+                            trial=trial, problem=problem, form_error=form_error)
+
+    @app.route("/routes", methods=["GET", "HEAD"])
+    @_login_required
+    async def routes(self, request, sid):
+        return await self._routes_page(request, sid)
+
+    @app.route("/routes/try", methods=["POST"])
+    @_login_required
+    async def try_route(self, request, sid):
+        form = {key: _arg(request, key) for key in
+                ("listener_id", "method", "path", "query_string", "headers", "body")}
+        listener_id = _int_or_none(form["listener_id"])
+        try:
+            names, values = parse_header_lines(form["headers"])
+        except ValueError as e:
+            return await self._routes_page(request, sid, form=form, status=400, form_error=str(e))
+        if listener_id is None:
+            return await self._routes_page(request, sid, form=form, status=400,
+                                           form_error="Choose a listener.")
+        try:
+            trial = await self._db.try_route(listener_id, form["method"],
+                                             normalize_path(form["path"].strip()),
+                                             form["query_string"] or None,
+                                             form["body"].encode("utf-8"), names, values)
+        except DatabaseProblem as problem:
+            return await self._routes_page(request, sid, form=form, status=400, problem=problem)
+        view = None
+        if trial["row"] is not None or trial["handled"]:
+            view = outcome_view(trial["row"], form["method"])
+        return await self._routes_page(request, sid, form=form, view=view, trial=trial)
+
     # --- try a handler ----------------------------------------------------------------
 
     def _try_page(self, request, sid, handler, roles, form, status=200, view=None,

@@ -101,6 +101,18 @@ class ConsoleDatabase:
 
         return threads.deferToThreadPool(self._reactor, self._pool, blocking)
 
+    def try_route(self, *args) -> defer.Deferred:
+        """`try_route` on the console's threads, with `DatabaseProblem` for errors."""
+        self._start()
+
+        def blocking():
+            try:
+                return try_route(self._dsn, *args)
+            except psycopg.Error as e:
+                raise DatabaseProblem.from_psycopg(e) from None
+
+        return threads.deferToThreadPool(self._reactor, self._pool, blocking)
+
     def run(self, operation: Callable, *args, rollback: bool = False) -> defer.Deferred:
         """Run ``operation(cursor, *args)`` in one transaction; committed unless ``rollback``.
 
@@ -325,6 +337,66 @@ def try_handler(dsn: str, query: str, role_name: str, method: str, path: str,
         try:
             installed = handler_call.install(conn, 0, 0, query, role_name or None)
             return handler_call.call(conn, installed, request, own_objects=1, clean_after_failure=False)
+        except handler_call.HandlerError as error:
+            raise DatabaseProblem(message=error.message, sqlstate=error.sqlstate) from None
+        finally:
+            if not conn.broken:
+                conn.rollback()
+
+
+# --- routes ---------------------------------------------------------------------------
+
+def routes(cur) -> dict:
+    """Every route as the daemon loads it, and the routers it cannot read."""
+    from omni_httpd.master import config, queries
+
+    cur.execute(queries.LOAD_ROUTES)
+    found, problems = config.routes_from_rows(cur.fetchall())
+    return {"routes": found, "problems": problems}
+
+
+def try_route(dsn: str, listener_id: int, method: str, path: str, query_string: Optional[str],
+              body: bytes, header_names: List[str], header_values: List[str]) -> dict:
+    """Run ``listener_id``'s routes on one request, as a worker would (match with the
+    urlpattern package, install each matching route as its role, run the chain), in a
+    session of its own and one transaction that is rolled back. Returns ``row`` (as
+    `try_handler`), ``answered_by`` (description of the route whose outcome it is, or
+    None), ``handled`` and ``matched`` (descriptions of the matching routes)."""
+    from omni_httpd.common import handler_call
+    from omni_httpd.common.request import Request
+    from omni_httpd.common.routing import RouteTable
+
+    request = Request(method=method, path=path, query_string=query_string,
+                      headers=list(zip(header_names, header_values)), body=body,
+                      listener_id=listener_id)
+    with psycopg.connect(dsn, connect_timeout=10, autocommit=False,
+                         options="-c statement_timeout=%d" % STATEMENT_TIMEOUT_MS) as conn:
+        conn.prepare_threshold = None
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT effective_port FROM omni_httpd.listeners WHERE id = %s", (listener_id,))
+                row = cur.fetchone()
+                if row is None:
+                    raise DatabaseProblem(message="There is no listener %d." % listener_id)
+                port = row[0]
+                loaded = routes(cur)
+            table = RouteTable(loaded["routes"])
+            chain = table.match(request, port)
+            steps, refused = [], []
+            for route in chain:
+                try:
+                    conn.execute("SAVEPOINT omni_httpd_try")
+                    steps.append((handler_call.install_route(conn, route.id, 0, route.handler_oid,
+                                                             route.router_oid), route))
+                    conn.execute("RELEASE SAVEPOINT omni_httpd_try")
+                except psycopg.Error as error:
+                    conn.execute("ROLLBACK TO SAVEPOINT omni_httpd_try")
+                    refused.append("%s: %s" % (route.describe(), handler_call.error_text(error)))
+            own = sum(1 for installed, _ in steps if installed.function)
+            result = handler_call.run_chain(conn, steps, request, own, clean_after_failure=False)
+            return {"row": result.row, "handled": result.handled,
+                    "answered_by": result.answered_by.describe() if result.answered_by else None,
+                    "matched": [route.describe() for route in chain], "refused": refused}
         except handler_call.HandlerError as error:
             raise DatabaseProblem(message=error.message, sqlstate=error.sqlstate) from None
         finally:

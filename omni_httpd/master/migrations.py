@@ -30,6 +30,10 @@ CREATE TABLE IF NOT EXISTS omni_httpd.schema_migrations (
     applied_at timestamptz NOT NULL DEFAULT now()
 );
 """
+# Bootstrapping needs CREATE rights even when everything exists already (PostgreSQL checks
+# them before IF NOT EXISTS); a role without them (the authenticator of docs/sql-api.md,
+# "Procedures") starts against a schema installed by its owner.
+BOOTSTRAPPED = "SELECT to_regclass('omni_httpd.schema_migrations') IS NOT NULL"
 APPLIED = "SELECT version FROM omni_httpd.schema_migrations"
 RECORD = "INSERT INTO omni_httpd.schema_migrations (version, name) VALUES (%s, %s)"
 INITIALIZE_DEFAULT = "SELECT omni_httpd._initialize_default(%s, %s)"
@@ -79,7 +83,9 @@ def _apply(connection) -> List[str]:
         try:
             connection.autocommit = False
             with connection.cursor() as cur:
-                cur.execute(BOOTSTRAP)
+                cur.execute(BOOTSTRAPPED)
+                if not cur.fetchone()[0]:
+                    cur.execute(BOOTSTRAP)
                 cur.execute(APPLIED)
                 done = {row[0] for row in cur.fetchall()}
             connection.commit()

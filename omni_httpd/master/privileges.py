@@ -35,7 +35,7 @@ R, W, X = os.R_OK, os.W_OK, os.X_OK  # 4, 2, 1: the same numbers as the rwx bits
 
 #: Top-level packages a worker imports (those that are installed).
 WORKER_PACKAGES = ("omni_httpd", "twisted", "zope", "psycopg", "psycopg2", "h2", "hpack",
-                   "hyperframe", "httptools", "cryptography", "OpenSSL", "cffi", "attr")
+                   "hyperframe", "httptools", "urlpattern", "cryptography", "OpenSSL", "cffi", "attr")
 
 DEFAULT_ACCOUNT = "nobody"
 

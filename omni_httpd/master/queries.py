@@ -19,6 +19,16 @@ LEFT JOIN LATERAL (
 ORDER BY l.id
 """
 
+# Every route of every router (sql/009_routes.sql), in the order they are tried:
+# priority first (higher first), then router, then the router's own row order.
+LOAD_ROUTES = """
+SELECT r.router::pg_catalog.text, r.router::pg_catalog.oid::pg_catalog.int8, r.route,
+       r.protocol, r.username, r.password, r.hostname, r.port, r.pathname, r.search, r.hash,
+       r.method, r.handler::pg_catalog.int8, r.handler_text, r.priority, r.problem
+FROM omni_httpd._routes() r
+ORDER BY r.problem IS NULL, r.priority DESC, r.router::pg_catalog.oid, r.route_position
+"""
+
 # Bookkeeping: does not request a reload (the trigger ignores effective_port-only updates).
 SET_EFFECTIVE_PORT = """
 UPDATE omni_httpd.listeners SET effective_port = %s

@@ -64,7 +64,8 @@ class Reloader:
                 fds.append(bound.sockets[worker.slot].fileno())
             entries.append(entry)
             bind_ids.append(bound.bind_id)
-        message = dict(type="config", generation=self.generation, listeners=entries)
+        message = dict(type="config", generation=self.generation, listeners=entries,
+                       routes=[route.to_message() for route in self.config.routes])
         return message, fds, bind_ids
 
     # -- reloading ----------------------------------------------------------------------
@@ -140,6 +141,8 @@ class Reloader:
             what = ("handler %d" % spec.handler.id) if spec.handler else "no handler"
             state = "" if bound and bound.ok else " (NOT BOUND: %s)" % (bound.error if bound else "?")
             parts.append("listener %d %s -> %s%s" % (spec.id, where, what, state))
+        if self.config.routes:
+            parts.append("%d routes" % len(self.config.routes))
         return "; ".join(parts) or "no listeners"
 
     def _rebind(self, new: Configuration) -> None:
@@ -188,6 +191,11 @@ class Reloader:
             bound.close()
 
     # -- for the admin console ------------------------------------------------------------
+    def route_states(self) -> List[dict]:
+        return [dict(id=route.id, router=route.router, pattern=route.pattern, method=route.method,
+                     handler=route.handler, priority=route.priority, description=route.describe())
+                for route in self.config.routes]
+
     def listener_states(self) -> List[dict]:
         rows = []
         for spec in self.config.listeners:

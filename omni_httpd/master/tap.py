@@ -313,6 +313,11 @@ PARAMETERS: Dict[str, Tuple[str, Callable[[str], Any], str]] = {
     "proxy-allow": ("proxy_allow", _address_rules,
                     "Addresses proxy outcomes may connect to: networks (CIDR), addresses or "
                     "any, loopback, private, link-local; comma-separated. Default: any."),
+    "trusted-proxies": ("trusted_proxies", _address_rules,
+                        "Proxies (networks in CIDR, addresses, loopback, private, link-local; "
+                        "comma-separated) whose X-Forwarded-For/Forwarded are believed: the "
+                        "omnigres-connecting-ip request header then names the client they "
+                        "report, and proxy outcomes append to those headers. Default: none."),
     "proxy-deny": ("proxy_deny", _address_rules,
                    "Addresses proxy outcomes may not connect to, even if allowed "
                    "(same syntax), e.g. loopback,link-local. Default: none."),

@@ -27,7 +27,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import psycopg
 from psycopg import conninfo, pq
@@ -41,6 +41,7 @@ from omni_httpd.common import handler_call
 from omni_httpd.common.handler_call import (DatabaseUnavailable, HandlerError, HandlerRow, Installed,
                                      SessionDirty, error_text, function_name, statement_name)
 from omni_httpd.common.request import Request
+from omni_httpd.common.routing import Route
 
 __all__ = ["DBThread", "DatabaseUnavailable", "HandlerError", "HandlerRow", "error_text",
            "function_name", "statement_name", "CONNECTION_DEFAULTS"]
@@ -145,7 +146,9 @@ class DBThread:
         self._conn: Optional[psycopg.Connection] = None
         self._installed: Dict[int, Installed] = {}   # handler id -> function and statement
         self._broken: Dict[int, str] = {}        # handler id -> install error
-        self._wanted: Optional[Tuple[int, Dict[int, Tuple[str, str]]]] = None
+        self._routes: Dict[int, Installed] = {}    # route id -> function and statement
+        self._routes_broken: Dict[int, str] = {}   # route id -> why it is not installed
+        self._wanted: Optional[Tuple[int, Dict[int, Tuple[str, str]], List[Route]]] = None
 
     # -- life cycle (reactor thread) ------------------------------------------------
 
@@ -319,13 +322,13 @@ class DBThread:
                 # Cancelled while queued (the client went away): skip the work.
                 continue
             before = len(results)
-            batch = self._take_requests(args, d) if job == self._run else None
-            if batch is not None and len(batch) > 1:
+            batch = self._take_requests(job, args, d)
+            if len(batch) > 1:
                 try:
                     results.extend(self._run_pipelined(batch))
                 except BaseException:
                     failure = Failure()
-                    results.extend((bd, False, failure) for _a, bd in batch)
+                    results.extend((bd, False, failure) for _j, _a, bd in batch)
             else:
                 try:
                     results.append((d, True, job(*args)))
@@ -340,71 +343,105 @@ class DBThread:
                 self._reactor.callFromThread(self._deliver, results)
                 results = []
 
-    def _take_requests(self, args: tuple, d: Deferred) -> List[Tuple[tuple, Deferred]]:
-        """DB thread: this request and the ones queued right behind it, for one pipeline.
+    def _take_requests(self, job: Callable, args: tuple, d: Deferred) -> List[Tuple[Callable, tuple, Deferred]]:
+        """DB thread: this job and the requests queued right behind it, for one pipeline.
 
-        As many as `PIPELINE_MAX`, as long as their bodies and headers add up to at most
+        Requests are handler runs and route chains of one handler (`_pipelinable`). As
+        many as `PIPELINE_MAX`, as long as their bodies and headers add up to at most
         `PIPELINE_BYTES` (sent before any result is read, they must fit the socket
-        buffers); a job that is not a request ends the batch, so it still runs between
-        the requests queued before it and those queued after it.
+        buffers); any other job ends the batch, so it still runs between the requests
+        queued before it and those queued after it.
         """
-        batch = [(args, d)]
-        if self._pipeline_max <= 1:
+        batch = [(job, args, d)]
+        if self._pipeline_max <= 1 or not self._pipelinable(job, args):
             return batch
         size = _request_size(args[1])
         queue = self._queue
         with self._lock:
             while queue and len(batch) < self._pipeline_max:
-                job, next_args, next_d = queue[0]
-                if job != self._run:
+                next_job, next_args, next_d = queue[0]
+                if not self._pipelinable(next_job, next_args):
                     break
                 size += _request_size(next_args[1])
                 if size > PIPELINE_BYTES:
                     break
                 queue.popleft()
                 if not next_d.called:
-                    batch.append((next_args, next_d))
+                    batch.append((next_job, next_args, next_d))
         return batch
 
-    def _run_pipelined(self, batch: List[Tuple[tuple, Deferred]]) -> list:
+    def _pipelinable(self, job: Callable, args: tuple) -> bool:
+        if job == self._run:
+            return True
+        return job == self._run_routes and self._single_handler(args[0]) is not None
+
+    def _single_handler(self, routes: List[Route]) -> Optional[Tuple[Installed, Route]]:
+        """The one installed step of a route chain when it is a handler run in one
+        statement (no middleware, not a transaction-controlling procedure); else None."""
+        steps = [(self._routes[route.id], route) for route in routes if route.id in self._routes]
+        if len(steps) != 1:
+            return None
+        installed, route = steps[0]
+        if installed.kind != "handler" or installed.nonatomic:
+            return None
+        return installed, route
+
+    def _pipeline_call(self, job: Callable, args: tuple, own_objects: int):
+        """A request's (statement, parameters, finish): what `_run` / `_run_routes` would
+        execute, and what makes their result of the handler row. Raises `HandlerError`
+        for a request that cannot run at all."""
+        if job == self._run:
+            handler_id, request = args
+            installed = self._installed.get(handler_id)
+            if installed is None:
+                raise HandlerError(self._broken.get(handler_id)
+                                   or "handler %d is not installed" % handler_id)
+            return installed.statement, handler_call.parameters(request, own_objects), None
+        routes, request = args
+        installed, route = self._single_handler(routes)
+        parameters = handler_call.route_parameters(request, route.row, None, own_objects)
+        return installed.statement, parameters, route
+
+    def _run_pipelined(self, batch: List[Tuple[Callable, tuple, Deferred]]) -> list:
         """DB thread: run a batch of requests in one pipeline; their (d, ok, value).
 
-        The same outcomes as `_run` one by one: a request that found the session dirty
-        (nothing of it ran) runs again after the reset, in its turn.
+        The same outcomes as running the jobs one by one: a request that found the
+        session dirty (nothing of it ran) runs again after the reset, in its turn.
         """
         conn = self._conn
         if conn is None:
             gone = DatabaseUnavailable("no database connection")
-            return [(d, False, gone) for _args, d in batch]
+            return [(d, False, gone) for _job, _args, d in batch]
         results = []
         calls, waiting = [], []
-        own_objects = len(self._installed)
-        for (handler_id, request), d in batch:
-            installed = self._installed.get(handler_id)
+        own_objects = self._own_objects()
+        for job, args, d in batch:
             try:
-                if installed is None:
-                    raise HandlerError(self._broken.get(handler_id)
-                                       or "handler %d is not installed" % handler_id)
-                calls.append((installed.statement, handler_call.parameters(request, own_objects)))
+                statement, parameters, route = self._pipeline_call(job, args, own_objects)
             except HandlerError as exc:
                 results.append((d, False, exc))
                 continue
-            waiting.append(((handler_id, request), d))
+            calls.append((statement, parameters))
+            waiting.append((job, args, d, route))
         outcomes = handler_call.call_pipelined(conn, calls)
         again = []
         failed = lost = False
-        for (args, d), outcome in zip(waiting, outcomes):
+        for (job, args, d, route), outcome in zip(waiting, outcomes):
             if isinstance(outcome, SessionDirty):
-                again.append((args, d, str(outcome)))
+                again.append((job, args, d, str(outcome)))
             elif isinstance(outcome, DatabaseUnavailable):
                 lost = True
                 results.append((d, False, outcome))
             elif isinstance(outcome, HandlerError):
                 failed = failed or outcome.sqlstate is not None
+                if route is not None:
+                    outcome.route = route     # as run_chain does, for the log
                 results.append((d, False, outcome))
+            elif route is not None:
+                results.append((d, True, handler_call.ChainResult(outcome, route, True)))
             else:
                 results.append((d, True, outcome))
-        reset_reason = again[0][2] if again else None
+        reset_reason = again[0][3] if again else None
         if failed and not lost:
             # The handler function already cleaned up; this only guards against what
             # could escape it (as after a failure outside a pipeline).
@@ -417,17 +454,17 @@ class DBThread:
         if lost:
             self._drop_connection()
             gone = DatabaseUnavailable("the database connection ended")
-            results.extend((d, False, gone) for _args, d, _reason in again)
+            results.extend((d, False, gone) for _job, _args, d, _reason in again)
             return results
         if reset_reason is not None:
             try:
                 self._reset(reset_reason)
             except (DatabaseUnavailable, HandlerError) as exc:
-                results.extend((d, False, exc) for _args, d, _reason in again)
+                results.extend((d, False, exc) for _job, _args, d, _reason in again)
                 return results
-        for args, d, _reason in again:
+        for job, args, d, _reason in again:
             try:
-                results.append((d, True, self._run(*args)))
+                results.append((d, True, job(*args)))
             except (DatabaseUnavailable, HandlerError) as exc:
                 results.append((d, False, exc))
         return results
@@ -469,19 +506,29 @@ class DBThread:
         """
         return self.submit(self._run, handler_id, request)
 
+    def run_routes(self, routes: List[Route], request: Request) -> Deferred:
+        """Run the route chain ``routes`` (matching ``request``, in order) in one job.
+
+        Fires with a `handler_call.ChainResult`; fails as `run`. A route that is not
+        installed (refused, logged when the configuration was applied) is skipped.
+        """
+        return self.submit(self._run_routes, routes, request)
+
     def apply_configuration(self, generation: int,
-                            handlers: Dict[int, Tuple[str, str]]) -> Deferred:
-        """Install ``handlers`` ({handler id: (query, role_name)}) as ``generation``.
+                            handlers: Dict[int, Tuple[str, str]],
+                            routes: Sequence[Route] = ()) -> Deferred:
+        """Install ``handlers`` ({handler id: (query, role_name)}) and ``routes`` as ``generation``.
 
         Queued like a request: requests queued before run with the old handlers, those
         queued after with the new ones. Fires with {handler id: error text} for the
         handlers that could not be installed (they answer 500 until the next
-        configuration). Handlers absent from ``handlers`` are removed. Without a
-        connection it fails with `DatabaseUnavailable`, but the configuration is kept
-        and installed as soon as the connection is back.
+        configuration; a route that cannot be installed is logged and not served). Handlers
+        absent from ``handlers`` are removed. Without a connection it fails with
+        `DatabaseUnavailable`, but the configuration is kept and installed as soon as
+        the connection is back.
         """
         handlers = {int(hid): (query, role) for hid, (query, role) in handlers.items()}
-        return self.submit(self._apply, int(generation), handlers)
+        return self.submit(self._apply, int(generation), handlers, list(routes))
 
     @property
     def connection(self) -> Optional[psycopg.Connection]:
@@ -498,7 +545,7 @@ class DBThread:
                                or "handler %d is not installed" % handler_id)
         try:
             try:
-                return handler_call.call(conn, installed, request, len(self._installed))
+                return handler_call.call(conn, installed, request, self._own_objects())
             except SessionDirty as exc:
                 # Nothing of the handler ran: reset the session, then run it once more.
                 self._reset(str(exc))
@@ -506,7 +553,42 @@ class DBThread:
                 if installed is None:
                     raise HandlerError(self._broken.get(handler_id)
                                        or "handler %d is not installed" % handler_id) from None
-                return handler_call.call(conn, installed, request, len(self._installed))
+                return handler_call.call(conn, installed, request, self._own_objects())
+        except SessionDirty as exc:
+            self._reset(str(exc))
+            raise HandlerError(str(exc)) from None
+        except DatabaseUnavailable:
+            self._drop_connection()
+            raise
+        except psycopg.Error as exc:
+            self._check_connection(exc)
+            raise HandlerError(error_text(exc), exc.sqlstate) from None
+
+    def _own_objects(self) -> int:
+        return len(self._installed) + self._route_objects
+
+    @property
+    def _route_objects(self) -> int:
+        # Non-atomic routes create nothing in the session.
+        return sum(1 for installed in self._routes.values() if installed.function)
+
+    def _run_routes(self, routes: List[Route], request: Request) -> handler_call.ChainResult:
+        conn = self._conn
+        if conn is None:
+            raise DatabaseUnavailable("no database connection")
+
+        def steps():
+            return [(self._routes[route.id], route) for route in routes if route.id in self._routes]
+
+        try:
+            try:
+                return handler_call.run_chain(conn, steps(), request, self._own_objects())
+            except SessionDirty as exc:
+                # Raised before a route's body ran. Earlier middleware of this chain may
+                # have run and committed; running the chain again repeats them, as a
+                # client's retry would.
+                self._reset(str(exc))
+                return handler_call.run_chain(conn, steps(), request, self._own_objects())
         except SessionDirty as exc:
             self._reset(str(exc))
             raise HandlerError(str(exc)) from None
@@ -519,34 +601,64 @@ class DBThread:
 
     def _reset(self, reason: str) -> None:
         """DB thread: drop everything the session holds; reinstall the configuration."""
-        log.warn("resetting the database session ({reason}); reinstalling {count} handlers",
-                 reason=reason, count=len(self._installed))
+        log.warn("resetting the database session ({reason}); reinstalling {count} handlers "
+                 "and {routes} routes", reason=reason, count=len(self._installed), routes=len(self._routes))
         try:
             handler_call.reset_session(self._conn)
         except psycopg.Error as exc:
             self._check_connection(exc)
             raise HandlerError(error_text(exc), exc.sqlstate) from None
         self._installed, self._broken = {}, {}
+        self._routes, self._routes_broken = {}, {}
         if self._wanted is not None:
             self._install(*self._wanted)
 
-    def _apply(self, generation: int, handlers: Dict[int, Tuple[str, str]]) -> Dict[int, str]:
-        self._wanted = (generation, handlers)
+    def _apply(self, generation: int, handlers: Dict[int, Tuple[str, str]],
+               routes: List[Route]) -> Dict[int, str]:
+        self._wanted = (generation, handlers, routes)
         if self._conn is None:
             raise DatabaseUnavailable("no database connection; configuration %d will be "
                                       "installed on reconnect" % generation)
         try:
-            clean = handler_call.temporary_objects(self._conn) == len(self._installed)
+            clean = handler_call.temporary_objects(self._conn) == self._own_objects()
         except psycopg.Error as exc:
             self._check_connection(exc)
             clean = False
         if not clean:
             # Describing and creating handlers must not see what a request left behind.
             self._reset("a request left temporary objects in the session")
-            return dict(self._broken)
-        return self._install(generation, handlers)
+            return self._errors()
+        return self._install(generation, handlers, routes)
 
-    def _install(self, generation: int, handlers: Dict[int, Tuple[str, str]]) -> Dict[int, str]:
+    def _errors(self) -> Dict[int, str]:
+        # Refused routes are logged where they are refused, with their description.
+        return dict(self._broken)
+
+    def _install(self, generation: int, handlers: Dict[int, Tuple[str, str]],
+                 routes: Sequence[Route] = ()) -> dict:
+        self._install_handlers(generation, handlers)
+        self._install_routes(generation, routes)
+        return self._errors()
+
+    def _install_routes(self, generation: int, routes: Sequence[Route]) -> None:
+        # Routes are few and cheap to create: every generation replaces them all (a
+        # route's id is its place in the configuration, not a lasting identity).
+        for route_id in list(self._routes):
+            installed = self._routes.pop(route_id)
+            self._quietly(handler_call.deallocate, self._conn, installed.statement)
+            self._quietly(handler_call.drop_function, self._conn, installed.function)
+        self._routes_broken = {}
+        for route in routes:
+            try:
+                self._routes[route.id] = handler_call.install_route(
+                    self._conn, route.id, generation, route.handler_oid, route.router_oid)
+            except psycopg.Error as exc:
+                self._check_connection(exc)
+                message = error_text(exc)
+                self._routes_broken[route.id] = message
+                log.warn("route {route} refused: {error}", route=route.describe(), error=message)
+
+    def _install_handlers(self, generation: int, handlers: Dict[int, Tuple[str, str]]) -> Dict[int, str]:
         errors: Dict[int, str] = {}
         for handler_id in [h for h in self._installed if h not in handlers]:
             self._uninstall(handler_id)
@@ -619,6 +731,7 @@ class DBThread:
             self._conn.close()
         self._conn = conn
         self._installed, self._broken = {}, {}
+        self._routes, self._routes_broken = {}, {}
         if self._wanted is None:
             return {}
         return self._install(*self._wanted)
@@ -634,6 +747,7 @@ class DBThread:
     def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None
         self._installed, self._broken = {}, {}
+        self._routes, self._routes_broken = {}, {}
         if conn is not None:
             try:
                 conn.close()

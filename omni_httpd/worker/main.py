@@ -17,6 +17,7 @@ from typing import Dict, List
 from twisted.internet import defer
 from twisted.logger import Logger, formatEvent, globalLogBeginner
 
+from omni_httpd.common.routing import Route, RouteTable
 from omni_httpd.common.settings import Settings
 
 log = Logger()
@@ -44,6 +45,7 @@ class Worker:
         self.ports: Dict[int, tuple] = {}           # listener id -> (bind_id, port, factory)
         self.control = None
         self.dbthread = None
+        self.executor = None
         self.dispatcher = None
         self.sibling_port = None
         self.stopping = False
@@ -78,7 +80,8 @@ class Worker:
             log.error("cannot connect to the database: {error}", error=str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc))
             self.reactor.callLater(0, self._exit, 3)
             return
-        executor = LocalExecutor(self.dbthread, self.handler_map.get, reactor=self.reactor, settings=settings)
+        executor = self.executor = LocalExecutor(self.dbthread, self.handler_map.get, reactor=self.reactor,
+                                                 settings=settings)
         self.dispatcher = Dispatcher(executor, self.dbthread, self.scoreboard, self.slot,
                                      self.run_dir, settings.http_workers)
         from omni_httpd.worker.static_files import StaticFiles
@@ -201,11 +204,16 @@ class Worker:
             if handler is not None:
                 handlers[handler["id"]] = (handler["query"], handler["role_name"])
                 new_map[listener_id] = handler["id"]
-        # Requests dispatched from now on use the new map and are queued after the
-        # installation below; requests already queued run first with the old one.
+        # A route refused here (pattern) or by the DB thread (role, signature) is logged
+        # there with its description, not reported again in "applied".
+        routes = RouteTable(Route.from_message(entry) for entry in message.get("routes", ()))
+        # Requests dispatched from now on use the new map and routes and are queued after
+        # the installation below; requests already queued run first with the old ones.
         self.handler_map.clear()
         self.handler_map.update(new_map)
-        d = self.dbthread.apply_configuration(generation, handlers)
+        self.executor.set_routes(routes, {listener_id: int(entry["port"])
+                                          for listener_id, entry in wanted.items()})
+        d = self.dbthread.apply_configuration(generation, handlers, routes.routes)
 
         def applied(install_errors):
             for handler_id, error in sorted((install_errors or {}).items()):

@@ -17,7 +17,7 @@ refuses it (console.py).
 Headers: hop-by-hop headers (RFC 9110 7.6.1: the fixed list below plus any named in
 ``Connection``) are dropped both ways. ``Host`` is the incoming one when
 ``preserve_host``, else the upstream's (Agent derives it from the URL). Forwarding
-headers (``X-Forwarded-For/-Proto/-Host``, ``Forwarded``): with ``--trust-forwarded``
+headers (``X-Forwarded-For/-Proto/-Host``, ``Forwarded``): with ``--trust-forwarded`` (or a peer in ``--trusted-proxies``)
 the client's are kept and ours appended; without it (the default) the client's are
 dropped, since anyone can send them, and only what we know ourselves is sent (peer
 address, scheme, Host). ``Via`` (RFC 9110 7.6.3) is appended.
@@ -49,6 +49,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
+from omni_httpd.common.client_address import forwarding_trust
 from omni_httpd.common.request import Request
 from omni_httpd.common.response import Response, error_response
 from omni_httpd.common.proxy_rules import (AddressPolicy, _plain_address, parse_address_rules,  # noqa: F401
@@ -452,7 +453,7 @@ def outgoing_headers(request: Request, preserve_host: bool,
     """The request's headers as sent upstream (see the module docstring)."""
     if settings is None:
         settings = Settings()
-    trust = settings.trust_forwarded
+    trust = forwarding_trust(settings).trusts(client_address(request.peer))
     hop = _connection_tokens(v for n, v in request.headers if n.lower() == "connection")
     headers = Headers()
     claimed: Dict[str, List[str]] = {}          # forwarding headers the client sent

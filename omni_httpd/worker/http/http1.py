@@ -72,6 +72,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from omni_httpd.common.client_address import forwarding_trust, with_connecting_ip
 from omni_httpd.common.exchange import finish, format_peer, log_access, send_now
 from omni_httpd.common.request import METHODS, Request, split_target
 from omni_httpd.common.response import REASONS, Response, error_response, internal_error
@@ -180,6 +181,7 @@ class HTTP1Protocol(Protocol):
     def __init__(self, context: ListenerContext) -> None:
         settings = context.settings
         self._context = context
+        self._forwarding_trust = forwarding_trust(settings)
         self._listener_id = context.listener_id
         self._scheme = context.scheme
         self._clock = context.clock
@@ -544,8 +546,9 @@ class HTTP1Protocol(Protocol):
         path, query = _split(url)
         method = self._method.decode("latin-1")
         version = self._version
-        request = Request(method, path, query, self._headers, body, self._listener_id,
-                          version, self._scheme, self._peer)
+        request = Request(method, path, query,
+                          with_connecting_ip(self._headers, self._peer, self._forwarding_trust),
+                          body, self._listener_id, version, self._scheme, self._peer)
         entry = _Pending(request, method, url, version, self._keep_alive, self._started)
         self._state = _IDLE
         if not entry.keep_alive:

@@ -70,6 +70,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from omni_httpd.common.client_address import forwarding_trust, with_connecting_ip
 from omni_httpd.common.exchange import finish, log_access, peer_of, send_now
 from omni_httpd.common.request import METHODS, Request, split_target
 from omni_httpd.common.response import Response, error_response, internal_error
@@ -229,6 +230,7 @@ class HTTP2Protocol(Protocol):
         settings = context.settings
         self.dispatch = context.dispatch
         self.settings = context.settings
+        self.forwarding_trust = forwarding_trust(settings)
         self.listener_id = context.listener_id
         self.scheme = context.scheme
         self.clock = context.clock
@@ -490,7 +492,8 @@ class HTTP2Protocol(Protocol):
         body = b"".join(stream.chunks)
         stream.chunks = []
         request = Request(method=stream.method, path=path, query_string=query,
-                          headers=stream.headers, body=body,
+                          headers=with_connecting_ip(stream.headers, self.peer, self.forwarding_trust),
+                          body=body,
                           listener_id=self.listener_id, http_version="2",
                           scheme=self.scheme, peer=self.peer)
         stream.request = request
