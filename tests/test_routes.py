@@ -10,12 +10,13 @@ from __future__ import annotations
 import http.client
 import os
 import re
+import threading
 
 import psycopg2
 import pytest
 
 from conftest import _drop_database, create_database, dsn_for
-from daemon_support import Daemon, add_listener, effective_port, sql, wait_reloads
+from daemon_support import Daemon, add_listener, effective_port, sql, wait_reloads, wait_until
 
 
 class Site:
@@ -455,3 +456,45 @@ def test_the_route_runtime_pins_its_search_path(site):
                                 '_flatten_outcome', '_login_role_is_unprivileged'))
           AND NOT coalesce(array_to_string(p.proconfig, ',') LIKE '%%search_path=%%', false)""")
     assert unpinned == [("omni_httpd.urlpattern(text,text,text,omni_http.http_method,text,integer,text,text,text)",)]
+
+
+def test_a_failed_route_leaves_nothing_to_the_requests_pipelined_behind_it(site, clean_routes):
+    """Requests that queue up while the worker's DB thread is busy go to PostgreSQL
+    together (one pipeline), each still its own transaction. A route that takes a session
+    advisory lock (which a rollback keeps) and then fails must not leave the lock to the
+    requests sent right behind it."""
+    site.change("""
+        CREATE OR REPLACE FUNCTION public.slow() RETURNS omni_httpd.http_outcome LANGUAGE sql AS $$
+            SELECT omni_httpd.http_response('slept') FROM pg_sleep(1) $$;
+        CREATE OR REPLACE FUNCTION public.grab_and_fail() RETURNS omni_httpd.http_outcome LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM pg_advisory_lock(4343);
+            RAISE EXCEPTION 'failing on purpose';
+        END $$;
+        CREATE OR REPLACE FUNCTION public.count_locks() RETURNS omni_httpd.http_outcome LANGUAGE sql AS $$
+            SELECT omni_httpd.http_response((SELECT count(*) FROM pg_locks
+                WHERE locktype = 'advisory' AND pid = pg_backend_pid())::text) $$;
+        INSERT INTO omni_httpd.urlpattern_router VALUES
+            (omni_httpd.urlpattern('/slow'), 'public.slow()', 0),
+            (omni_httpd.urlpattern('/grab'), 'public.grab_and_fail()', 0),
+            (omni_httpd.urlpattern('/count'), 'public.count_locks()', 0);
+    """)
+    results = {}
+
+    def fetch(key, path):
+        results[key] = site.get(path)
+
+    slow = threading.Thread(target=fetch, args=("slow", "/slow"))
+    slow.start()
+    # Queue the others only once the DB thread is inside the slow request.
+    wait_until(lambda: sql(site.dsn, "SELECT 1 FROM pg_stat_activity WHERE wait_event = 'PgSleep'"),
+               interval=0.01, what="the slow route running")
+    others = [threading.Thread(target=fetch, args=(i, "/grab" if i % 2 == 0 else "/count"))
+              for i in range(20)]
+    for thread in others:
+        thread.start()
+    for thread in [slow] + others:
+        thread.join(60)
+    assert results["slow"][::2] == (200, b"slept")
+    assert [results[i][0] for i in range(0, 20, 2)] == [500] * 10
+    assert [results[i][::2] for i in range(1, 20, 2)] == [(200, b"0")] * 10
