@@ -18,11 +18,13 @@ handler exactly the same way (docs/architecture.md, "Executing a handler"):
 """
 from __future__ import annotations
 
+import collections
 import functools
 import select
 import struct
+import time
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import psycopg
 from psycopg import pq, sql
@@ -478,56 +480,95 @@ def _failure(pgconn: pq.abc.PGconn, res: Optional[pq.abc.PGresult]) -> Exception
 #: exception `call` would have raised.
 CallOutcome = Union[Optional[HandlerRow], Exception]
 
+#: A pipelined call's (statement, binary parameters, may others be sent behind it before
+#: its result is in: is it known to answer quickly?).
+PipelinedCall = Tuple[bytes, List[Optional[bytes]], bool]
 
-def call_pipelined(conn: psycopg.Connection,
-                   calls: Sequence[Tuple[bytes, List[Optional[bytes]]]]) -> List[CallOutcome]:
-    """Run several prepared calls ((statement, binary parameters) pairs) in one go
-    (libpq pipeline mode); one outcome each, as `call` would have it.
+#: The outcome `call_pipelined` gives a call it did not send.
+SKIPPED = object()
+
+
+def call_pipelined(conn: psycopg.Connection, calls: Sequence[PipelinedCall],
+                   wanted: Callable[[int], bool], window: int
+                   ) -> Iterator[Tuple[int, object, float]]:
+    """Run prepared calls through one libpq pipeline; yield (index, outcome, seconds) as
+    their results come in, in order, where seconds is about how long the server spent
+    on the call (a `CallOutcome`). A call ``wanted(index)`` no longer wants when its
+    turn to be sent comes is not sent: it yields (index, SKIPPED, 0.0).
 
     Every call is still a statement and a transaction of its own (each is followed by a
-    Sync), with its own result or error; a failing call does not affect the others. All
-    of them are sent before the first result is read, so the server goes from one to the
-    next without waiting for us, and we wake up once per batch rather than per call.
-    The handler and route functions clean the session up themselves, on failure too, so
-    what one call leaves behind never reaches the next (sql/012_pipelining.sql). The
-    caller keeps the batch small enough for its requests to fit the socket buffers
-    (`send_all` reads what the server answers meanwhile, so neither side can block the
-    other for good).
+    Sync), with its own result or error; a failing call does not affect the others. The
+    server goes from one call to the next without waiting for us. A call is sent ahead
+    of the results before it only while every call in flight is known to answer quickly
+    (its flag) and fewer than ``window`` are in flight: so work is never sent behind a
+    call that may run long, and a request whose client left while it waited is not
+    started. The handler and route functions clean the session up themselves, on
+    failure too, so what one call leaves behind never reaches the next
+    (sql/012_pipelining.sql). The caller keeps the calls small enough for ``window`` of
+    them to fit the socket buffers (`send_all` reads what the server answers meanwhile,
+    so neither side can block the other for good).
 
     A `DatabaseUnavailable` outcome means the connection is gone: it is the outcome of
     that call and of every call after it. No cleanup after a failure is done here.
     """
     pgconn = conn.pgconn
-    outcomes: List[CallOutcome] = [None] * len(calls)
-    read = 0
+    in_flight: collections.deque = collections.deque()   # (index, sent at or None: skipped)
+    slow_in_flight = 0
+    following = 0
+    last = time.monotonic()
+    failure: Optional[Exception] = None
     pgconn.enter_pipeline_mode()
     try:
-        for statement, values in calls:
-            pgconn.send_query_prepared(statement, values, [1] * len(values), 1)
-            pgconn.pipeline_sync()
-        send_all(pgconn)
-        while read < len(calls):
-            res = _pipelined_result(pgconn)
-            index, read = read, read + 1
-            if res is not None and res.status == pq.ExecStatus.TUPLES_OK:
-                outcomes[index] = read_row(res)
+        while following < len(calls) or in_flight:
+            sent = False
+            while following < len(calls) and (
+                    not in_flight or (slow_in_flight == 0 and len(in_flight) < window)):
+                index, following = following, following + 1
+                if not wanted(index):
+                    if in_flight:
+                        # Its turn in the order of results comes after those in flight.
+                        in_flight.append((index, None))
+                    else:
+                        yield index, SKIPPED, 0.0
+                    continue
+                statement, values, quick = calls[index]
+                pgconn.send_query_prepared(statement, values, [1] * len(values), 1)
+                pgconn.pipeline_sync()
+                in_flight.append((index, time.monotonic()))
+                slow_in_flight += not quick
+                sent = True
+            if sent:
+                send_all(pgconn)
+            while in_flight and in_flight[0][1] is None:
+                yield in_flight.popleft()[0], SKIPPED, 0.0
+            if not in_flight:
                 continue
-            failure = _failure(pgconn, res)
-            outcomes[index] = failure
-            if isinstance(failure, DatabaseUnavailable):
+            index, sent_at = in_flight[0]
+            res = _pipelined_result(pgconn)
+            in_flight.popleft()
+            slow_in_flight -= not calls[index][2]
+            now = time.monotonic()
+            seconds, last = now - max(last, sent_at), now
+            if res is not None and res.status == pq.ExecStatus.TUPLES_OK:
+                yield index, read_row(res), seconds
+                continue
+            outcome = _failure(pgconn, res)
+            yield index, outcome, seconds
+            if isinstance(outcome, DatabaseUnavailable):
+                failure = outcome
                 break
     except psycopg.Error as exc:
         # libpq could not send or read: the connection broke under us.
         failure = DatabaseUnavailable(str(exc).strip() or "the database connection ended")
-    else:
-        if read == len(calls):
-            if pgconn.status == pq.ConnStatus.OK:
-                pgconn.exit_pipeline_mode()
-            return outcomes
+    if failure is None:
+        if pgconn.status == pq.ConnStatus.OK:
+            pgconn.exit_pipeline_mode()
+        return
     # Every call whose result was not read shares the fate of the connection.
-    for index in range(read, len(calls)):
-        outcomes[index] = failure
-    return outcomes
+    for index, sent_at in in_flight:
+        yield index, (SKIPPED if sent_at is None else failure), 0.0
+    for index in range(following, len(calls)):
+        yield index, failure, 0.0
 
 
 def _pipelined_result(pgconn: pq.abc.PGconn) -> Optional[pq.abc.PGresult]:
@@ -537,7 +578,13 @@ def _pipelined_result(pgconn: pq.abc.PGconn) -> Optional[pq.abc.PGresult]:
     """
     result = None
     ended = 0
+    socket = pgconn.socket
     while True:
+        # libpq's PQgetResult would wait for the server with the GIL held (psycopg does
+        # not release it there), freezing the reactor: wait in select, which does.
+        while pgconn.is_busy():
+            select.select([socket], [], [])
+            pgconn.consume_input()
         res = pgconn.get_result()
         if res is None:
             ended += 1

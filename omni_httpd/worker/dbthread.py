@@ -54,12 +54,17 @@ FLUSH_COUNT = 64
 #: hold a finished response behind a long queue.
 FLUSH_AGE = 0.002
 
-#: Requests sent to PostgreSQL in one pipeline at most (each still its own statement and
-#: transaction; see handler_call.call_pipelined)...
-PIPELINE_MAX = 32
-#: ...and the most their bodies and headers may add up to (bytes): a pipeline is sent
-#: whole before its first result is read. A larger request goes alone.
+#: Requests taken from the queue for one pipeline at most (each still its own statement
+#: and transaction; see handler_call.call_pipelined), as long as their bodies and headers
+#: add up to at most PIPELINE_BYTES...
+PIPELINE_BATCH = 32
 PIPELINE_BYTES = 64 * 1024
+#: ...of which at most this many are sent before their results are in...
+PIPELINE_MAX = 8
+#: ...and only behind calls whose handler has lately answered within this (seconds).
+#: Nothing is sent behind a call that may run long: a request whose client leaves
+#: meanwhile is then never started.
+QUICK_CALL = 0.002
 
 #: libpq settings that make a dead server or network noticed in seconds rather than
 #: after the kernel's TCP timeouts (minutes); used unless the DSN sets them itself.
@@ -146,6 +151,7 @@ class DBThread:
         self._conn: Optional[psycopg.Connection] = None
         self._installed: Dict[int, Installed] = {}   # handler id -> function and statement
         self._broken: Dict[int, str] = {}        # handler id -> install error
+        self._speed: Dict[bytes, float] = {}     # statement -> its calls' recent seconds
         self._routes: Dict[int, Installed] = {}    # route id -> function and statement
         self._routes_broken: Dict[int, str] = {}   # route id -> why it is not installed
         self._wanted: Optional[Tuple[int, Dict[int, Tuple[str, str]], List[Route]]] = None
@@ -308,57 +314,60 @@ class DBThread:
         queue empty, so a job appended after that check starts a new drain, and a job
         appended before it is run by this one: none is stranded.
         """
-        results: list = []
-        oldest = 0.0
+        pending = {"results": [], "oldest": 0.0}
         queue = self._queue
         lock = self._lock
+
+        def add(result: tuple) -> None:
+            results = pending["results"]
+            now = time.monotonic()
+            if not results:
+                pending["oldest"] = now
+            results.append(result)
+            if len(results) >= FLUSH_COUNT or now - pending["oldest"] >= FLUSH_AGE:
+                self._reactor.callFromThread(self._deliver, results)
+                pending["results"] = []
+
         while True:
             with lock:
                 if not queue:
                     self._draining = False
-                    return results
+                    return pending["results"]
                 job, args, d = queue.popleft()
             if d.called:
                 # Cancelled while queued (the client went away): skip the work.
                 continue
-            before = len(results)
-            batch = self._take_requests(job, args, d)
-            if len(batch) > 1:
+            if self._pipelinable(job, args):
+                batch = self._take_requests(job, args, d)
                 try:
-                    results.extend(self._run_pipelined(batch))
+                    self._run_pipelined(batch, add)
                 except BaseException:
                     failure = Failure()
-                    results.extend((bd, False, failure) for _j, _a, bd in batch)
-            else:
-                try:
-                    results.append((d, True, job(*args)))
-                except (DatabaseUnavailable, HandlerError) as exc:
-                    results.append((d, False, exc))
-                except BaseException:
-                    results.append((d, False, Failure()))
-            now = time.monotonic()
-            if before == 0:
-                oldest = now
-            if results and (len(results) >= FLUSH_COUNT or now - oldest >= FLUSH_AGE):
-                self._reactor.callFromThread(self._deliver, results)
-                results = []
+                    for _job, _args, waiting in batch:
+                        if not waiting.called:
+                            add((waiting, False, failure))
+                continue
+            try:
+                add((d, True, job(*args)))
+            except (DatabaseUnavailable, HandlerError) as exc:
+                add((d, False, exc))
+            except BaseException:
+                add((d, False, Failure()))
 
     def _take_requests(self, job: Callable, args: tuple, d: Deferred) -> List[Tuple[Callable, tuple, Deferred]]:
         """DB thread: this job and the requests queued right behind it, for one pipeline.
 
         Requests are handler runs and route chains of one handler (`_pipelinable`). As
-        many as `PIPELINE_MAX`, as long as their bodies and headers add up to at most
+        many as `PIPELINE_BATCH`, as long as their bodies and headers add up to at most
         `PIPELINE_BYTES` (sent before any result is read, they must fit the socket
         buffers); any other job ends the batch, so it still runs between the requests
         queued before it and those queued after it.
         """
         batch = [(job, args, d)]
-        if self._pipeline_max <= 1 or not self._pipelinable(job, args):
-            return batch
         size = _request_size(args[1])
         queue = self._queue
         with self._lock:
-            while queue and len(batch) < self._pipeline_max:
+            while queue and len(batch) < PIPELINE_BATCH:
                 next_job, next_args, next_d = queue[0]
                 if not self._pipelinable(next_job, next_args):
                     break
@@ -371,6 +380,8 @@ class DBThread:
         return batch
 
     def _pipelinable(self, job: Callable, args: tuple) -> bool:
+        if self._pipeline_max < 1:
+            return False
         if job == self._run:
             return True
         return job == self._run_routes and self._single_handler(args[0]) is not None
@@ -402,45 +413,58 @@ class DBThread:
         parameters = handler_call.route_parameters(request, route.row, None, own_objects)
         return installed.statement, parameters, route
 
-    def _run_pipelined(self, batch: List[Tuple[Callable, tuple, Deferred]]) -> list:
-        """DB thread: run a batch of requests in one pipeline; their (d, ok, value).
+    def _run_pipelined(self, batch: List[Tuple[Callable, tuple, Deferred]],
+                       add: Callable[[tuple], None]) -> None:
+        """DB thread: run a batch of requests through one pipeline, handing each result
+        (d, ok, value) to ``add`` as it comes.
 
-        The same outcomes as running the jobs one by one: a request that found the
-        session dirty (nothing of it ran) runs again after the reset, in its turn.
+        The same outcomes as running the jobs one by one: a request whose client left
+        before its turn is not sent; one that found the session dirty (nothing of it ran)
+        runs again after the reset.
         """
         conn = self._conn
         if conn is None:
             gone = DatabaseUnavailable("no database connection")
-            return [(d, False, gone) for _job, _args, d in batch]
-        results = []
+            for _job, _args, d in batch:
+                add((d, False, gone))
+            return
         calls, waiting = [], []
         own_objects = self._own_objects()
+        speed = self._speed
         for job, args, d in batch:
             try:
                 statement, parameters, route = self._pipeline_call(job, args, own_objects)
             except HandlerError as exc:
-                results.append((d, False, exc))
+                add((d, False, exc))
                 continue
-            calls.append((statement, parameters))
+            calls.append((statement, parameters, speed.get(statement, QUICK_CALL) < QUICK_CALL))
             waiting.append((job, args, d, route))
-        outcomes = handler_call.call_pipelined(conn, calls)
         again = []
         failed = lost = False
-        for (job, args, d, route), outcome in zip(waiting, outcomes):
+        outcomes = handler_call.call_pipelined(conn, calls, lambda index: not waiting[index][2].called,
+                                               self._pipeline_max)
+        for index, outcome, seconds in outcomes:
+            if outcome is handler_call.SKIPPED:
+                continue
+            job, args, d, route = waiting[index]
             if isinstance(outcome, SessionDirty):
                 again.append((job, args, d, str(outcome)))
-            elif isinstance(outcome, DatabaseUnavailable):
+                continue
+            statement = calls[index][0]
+            last = speed.get(statement)
+            speed[statement] = seconds if last is None else (last + seconds) / 2
+            if isinstance(outcome, DatabaseUnavailable):
                 lost = True
-                results.append((d, False, outcome))
+                add((d, False, outcome))
             elif isinstance(outcome, HandlerError):
                 failed = failed or outcome.sqlstate is not None
                 if route is not None:
                     outcome.route = route     # as run_chain does, for the log
-                results.append((d, False, outcome))
+                add((d, False, outcome))
             elif route is not None:
-                results.append((d, True, handler_call.ChainResult(outcome, route, True)))
+                add((d, True, handler_call.ChainResult(outcome, route, True)))
             else:
-                results.append((d, True, outcome))
+                add((d, True, outcome))
         reset_reason = again[0][3] if again else None
         if failed and not lost:
             # The handler function already cleaned up; this only guards against what
@@ -454,20 +478,21 @@ class DBThread:
         if lost:
             self._drop_connection()
             gone = DatabaseUnavailable("the database connection ended")
-            results.extend((d, False, gone) for _job, _args, d, _reason in again)
-            return results
+            for _job, _args, d, _reason in again:
+                add((d, False, gone))
+            return
         if reset_reason is not None:
             try:
                 self._reset(reset_reason)
             except (DatabaseUnavailable, HandlerError) as exc:
-                results.extend((d, False, exc) for _job, _args, d, _reason in again)
-                return results
+                for _job, _args, d, _reason in again:
+                    add((d, False, exc))
+                return
         for job, args, d, _reason in again:
             try:
-                results.append((d, True, job(*args)))
+                add((d, True, job(*args)))
             except (DatabaseUnavailable, HandlerError) as exc:
-                results.append((d, False, exc))
-        return results
+                add((d, False, exc))
 
     def _deliver(self, results: list) -> None:
         for d, ok, value in results:
@@ -616,6 +641,7 @@ class DBThread:
     def _apply(self, generation: int, handlers: Dict[int, Tuple[str, str]],
                routes: List[Route]) -> Dict[int, str]:
         self._wanted = (generation, handlers, routes)
+        self._speed.clear()     # a new generation's handlers are judged afresh
         if self._conn is None:
             raise DatabaseUnavailable("no database connection; configuration %d will be "
                                       "installed on reconnect" % generation)
