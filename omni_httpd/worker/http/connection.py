@@ -30,6 +30,28 @@ log = Logger()
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
+def _no_delay(transport) -> None:
+    """TCP_NODELAY on an HTTP/2 connection's socket (below TLS, if any).
+
+    HTTP/2 writes once per reactor turn and connection, and several writes are often
+    unacknowledged at a time: with Nagle's algorithm a small one (a WINDOW_UPDATE, a
+    short answer) waited for the client's delayed ACK, 40 ms (h2c W2: 2.8k -> 3.8k
+    req/s). HTTP/1 keeps Nagle: W1 measured a third faster with it (13.1-13.6k
+    against 8.9-9.9k req/s, same run).
+    """
+    for _depth in range(3):
+        if transport is None:
+            return
+        set_no_delay = getattr(transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            try:
+                set_no_delay(True)
+            except OSError:
+                pass      # not a TCP socket after all
+            return
+        transport = getattr(transport, "transport", None)
+
+
 @implementer(IHandshakeListener, IHalfCloseableProtocol)
 class ServerConnection(Protocol):
     """One accepted connection until (and after) it knows which protocol it speaks.
@@ -87,6 +109,8 @@ class ServerConnection(Protocol):
         self.protocol = protocol
         # Further reads skip this object entirely.
         self.dataReceived = protocol.dataReceived
+        if isinstance(protocol, HTTP2Protocol):
+            _no_delay(self.transport)
         protocol.makeConnection(self.transport)
         if data and not self._lost:
             protocol.dataReceived(data)
