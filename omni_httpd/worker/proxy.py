@@ -49,10 +49,10 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
-from omni_httpd.common.client_address import forwarding_trust
+from omni_httpd.common.client_address import forwarding_trust, peer_address as client_address
 from omni_httpd.common.request import Request
 from omni_httpd.common.response import Response, error_response
-from omni_httpd.common.proxy_rules import (AddressPolicy, _plain_address, parse_address_rules,  # noqa: F401
+from omni_httpd.common.proxy_rules import (AddressPolicy, parse_address_rules,  # noqa: F401
                                            proxied_by_us, via_pseudonym)
 from omni_httpd.common.settings import Settings
 
@@ -404,24 +404,6 @@ def _describe(failure: Failure) -> str:
 
 def _connection_tokens(values) -> set:
     return {token.strip().lower() for value in values for token in value.split(",")}
-
-
-def client_address(peer: str) -> Optional[str]:
-    """"ip:port", "[ipv6]:port" (request.peer) -> the IP address, without brackets, or
-    None when the peer is not an IP address (e.g. a UNIX socket)."""
-    if not peer:
-        return None
-    if peer.startswith("["):
-        host = peer[1:].split("]", 1)[0]
-    elif peer.count(":") == 1:
-        host = peer.split(":", 1)[0]
-    else:
-        host = peer
-    try:
-        ip = _plain_address(host)
-    except ValueError:
-        return None
-    return str(ip)
 
 
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
