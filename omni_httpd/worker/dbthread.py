@@ -564,21 +564,25 @@ class DBThread:
         conn = self._conn
         if conn is None:
             raise DatabaseUnavailable("no database connection")
-        installed = self._installed.get(handler_id)
-        if installed is None:
-            raise HandlerError(self._broken.get(handler_id)
-                               or "handler %d is not installed" % handler_id)
+
+        def attempt():
+            installed = self._installed.get(handler_id)
+            if installed is None:
+                raise HandlerError(self._broken.get(handler_id)
+                                   or "handler %d is not installed" % handler_id)
+            return handler_call.call(conn, installed, request, self._own_objects())
+
+        return self._once_more_if_dirty(attempt)
+
+    def _once_more_if_dirty(self, attempt: Callable[[], object]):
+        """DB thread: ``attempt()``, and once more after a session reset if it found the
+        session dirty (nothing of it ran then); its errors as the callers answer them."""
         try:
             try:
-                return handler_call.call(conn, installed, request, self._own_objects())
+                return attempt()
             except SessionDirty as exc:
-                # Nothing of the handler ran: reset the session, then run it once more.
                 self._reset(str(exc))
-                installed = self._installed.get(handler_id)
-                if installed is None:
-                    raise HandlerError(self._broken.get(handler_id)
-                                       or "handler %d is not installed" % handler_id) from None
-                return handler_call.call(conn, installed, request, self._own_objects())
+                return attempt()
         except SessionDirty as exc:
             self._reset(str(exc))
             raise HandlerError(str(exc)) from None
@@ -602,27 +606,14 @@ class DBThread:
         if conn is None:
             raise DatabaseUnavailable("no database connection")
 
-        def steps():
-            return [(self._routes[route.id], route) for route in routes if route.id in self._routes]
+        def attempt():
+            # Run again after a reset (raised before a route's body ran), earlier
+            # middleware of this chain may have run and committed: running the chain
+            # again repeats them, as a client's retry would.
+            steps = [(self._routes[route.id], route) for route in routes if route.id in self._routes]
+            return handler_call.run_chain(conn, steps, request, self._own_objects())
 
-        try:
-            try:
-                return handler_call.run_chain(conn, steps(), request, self._own_objects())
-            except SessionDirty as exc:
-                # Raised before a route's body ran. Earlier middleware of this chain may
-                # have run and committed; running the chain again repeats them, as a
-                # client's retry would.
-                self._reset(str(exc))
-                return handler_call.run_chain(conn, steps(), request, self._own_objects())
-        except SessionDirty as exc:
-            self._reset(str(exc))
-            raise HandlerError(str(exc)) from None
-        except DatabaseUnavailable:
-            self._drop_connection()
-            raise
-        except psycopg.Error as exc:
-            self._check_connection(exc)
-            raise HandlerError(error_text(exc), exc.sqlstate) from None
+        return self._once_more_if_dirty(attempt)
 
     def _reset(self, reason: str) -> None:
         """DB thread: drop everything the session holds; reinstall the configuration."""
