@@ -19,19 +19,30 @@ from omni_httpd.master.embedded_pg import EmbeddedPostgres
 _counter = itertools.count()
 
 
-@pytest.fixture(scope="session")
-def pg_cluster():
-    base = tempfile.mkdtemp(prefix="omni_httpd_test_pg_")
-    os.chmod(base, 0o755)
+def _cluster(prefix: str, **settings):
+    """A started temporary cluster, stopped and removed when the generator ends."""
+    base = tempfile.mkdtemp(prefix=prefix)
+    os.chmod(base, 0o755)  # PostgreSQL runs as an unprivileged account when the tests run as root
     cluster = EmbeddedPostgres(os.path.join(base, "data"),
-                               settings={"fsync": "off", "max_connections": "200",
-                                         "synchronous_commit": "off", "full_page_writes": "off"})
+                               settings=dict({"fsync": "off", "synchronous_commit": "off",
+                                              "full_page_writes": "off"}, **settings))
     cluster.start()
     try:
         yield cluster
     finally:
         cluster.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    yield from _cluster("omni_httpd_test_pg_", max_connections="200")
+
+
+@pytest.fixture
+def own_cluster():
+    """A PostgreSQL cluster of this test alone (it is stopped and started again)."""
+    yield from _cluster("omni_httpd_own_pg_")
 
 
 def dsn_for(cluster, dbname):

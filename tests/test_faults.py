@@ -23,10 +23,8 @@ from __future__ import annotations
 import http.client
 import os
 import re
-import shutil
 import signal
 import socket
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -36,7 +34,6 @@ import psycopg2
 import pytest
 
 from daemon_support import Daemon, add_listener, effective_port, set_handler, sql, wait_until
-from omni_httpd.master.embedded_pg import EmbeddedPostgres
 
 ACCESS = re.compile(r'\[worker (\d+) pid (\d+)\] \S+ "GET (/\S*) HTTP/1\.1" (\d{3}) ')
 
@@ -278,21 +275,6 @@ def test_sigkilled_worker_is_replaced_quickly_and_its_sibling_is_untouched(dsn):
 
 
 # -- b. PostgreSQL stopped and started under load --------------------------------------------------
-@pytest.fixture
-def own_cluster():
-    """A PostgreSQL cluster of this test alone (it is stopped and started again)."""
-    base = tempfile.mkdtemp(prefix="ohf_pg_")
-    os.chmod(base, 0o755)  # PostgreSQL runs as an unprivileged account when the tests run as root
-    cluster = EmbeddedPostgres(os.path.join(base, "data"),
-                               settings={"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"})
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
-        shutil.rmtree(base, ignore_errors=True)
-
-
 CLIENTS_B = 4
 
 

@@ -17,10 +17,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import socket
-import tempfile
 import time
 
 import pytest
@@ -32,7 +30,6 @@ from twisted.internet.task import deferLater
 
 from daemon_support import Daemon, add_listener, effective_port, send_and_read, wait_reloads
 from h2_client import h2_exchange
-from omni_httpd.master.embedded_pg import EmbeddedPostgres
 
 METRICS = ("--metrics", "tcp:0:interface=127.0.0.1")
 
@@ -269,21 +266,6 @@ async def test_the_endpoint_answers_only_get_of_its_three_paths(dsn):
     finally:
         code = daemon.stop()
     assert code == 0, daemon.output[-3000:]
-
-
-@pytest.fixture
-def own_cluster():
-    """A PostgreSQL cluster of this test alone (it is stopped and started again)."""
-    base = tempfile.mkdtemp(prefix="ohm_pg_")
-    os.chmod(base, 0o755)  # PostgreSQL runs as an unprivileged account when the tests run as root
-    cluster = EmbeddedPostgres(os.path.join(base, "data"),
-                               settings={"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"})
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest_twisted.ensureDeferred
