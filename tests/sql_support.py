@@ -63,9 +63,14 @@ def install(connection, query: str, role_name: Optional[str] = None, name: str =
 def call(connection, name: str = "handler", method: str = "GET", path: str = "/",
          query_string: Optional[str] = None, body: bytes = b"",
          headers: List[Tuple[str, str]] = ()) -> Optional[HandlerRow]:
-    """Call an installed handler function as the worker does; None when it returns no row."""
+    """Call an installed handler function as the worker does; None when it has no outcome."""
     with connection.cursor() as cur:
-        cur.execute("SELECT * FROM pg_temp.%s(%%s::omni_http.http_method, %%s, %%s, %%s, %%s::text[], %%s::text[])"
+        cur.execute("SELECT r.kind, r.status,"
+                    " CASE WHEN r.headers IS NOT NULL THEN ARRAY(SELECT (h).name FROM unnest(r.headers) h) END,"
+                    " CASE WHEN r.headers IS NOT NULL THEN ARRAY(SELECT (h).value FROM unnest(r.headers) h) END,"
+                    " r.body, r.proxy_url, r.preserve_host"
+                    " FROM pg_temp.%s(%%s::omni_http.http_method, %%s, %%s, %%s, %%s::text[], %%s::text[]) r"
+                    " WHERE r.kind IS NOT NULL"
                     % name, (method, path, query_string, psycopg2.Binary(body),
                              [n for n, _ in headers], [v for _, v in headers]))
         row = cur.fetchone()

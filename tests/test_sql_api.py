@@ -264,7 +264,8 @@ def test_default_page_escapes_what_it_shows(db):
 def test_default_page_handler_runs(db):
     execute(db, "SELECT omni_httpd._install_handler('page', %s, NULL)",
             ("SELECT omni_httpd.default_page(request.*::omni_httpd.http_request) FROM request",))
-    assert rows(db, "SELECT kind, status, header_values FROM pg_temp.page('GET', '/', NULL, '', '{}', '{}')") == [
+    assert rows(db, "SELECT kind, status, ARRAY(SELECT (h).value FROM unnest(headers) h)"
+                    " FROM pg_temp.page('GET', '/', NULL, '', '{}', '{}')") == [
         ("response", 200, ["text/html; charset=utf-8"])]
 
 

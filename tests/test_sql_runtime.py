@@ -330,7 +330,7 @@ def test_installed_function_is_a_security_definer_in_pg_temp(db):
     assert rows(db, "SELECT p.prosecdef, n.nspname = pg_my_temp_schema()::regnamespace::name,"
                     " p.prorettype::regtype::text, p.proretset"
                     " FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE p.proname = 'h_42_7'") == [
-        (True, True, "omni_httpd._handler_result", True)]
+        (True, True, "omni_httpd._handler_outcome", False)]
 
 
 def test_installed_function_can_be_prepared_and_replaced(db):
@@ -338,8 +338,8 @@ def test_installed_function_can_be_prepared_and_replaced(db):
     # not keep SQL-level PREPAREs: the function deallocates those after each request).
     with psycopg.connect(db.dsn, autocommit=True) as conn:
         conn.execute("SELECT omni_httpd._install_handler('handler', %s, NULL)", ("SELECT 'one'",))
-        run = "SELECT * FROM pg_temp.handler(%s, %s, %s, %s, %s, %s)"
+        run = "SELECT * FROM pg_temp.handler(%s, %s, %s, %s, %s, %s)"   # body: column 4
         args = ("GET", "/", None, b"", [], [])
-        assert conn.execute(run, args, prepare=True).fetchone()[4] == b"one"
+        assert conn.execute(run, args, prepare=True).fetchone()[3] == b"one"
         conn.execute("SELECT omni_httpd._install_handler('handler', %s, NULL)", ("SELECT 'two'",))
-        assert conn.execute(run, args, prepare=True).fetchone()[4] == b"two"
+        assert conn.execute(run, args, prepare=True).fetchone()[3] == b"two"

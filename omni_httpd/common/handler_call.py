@@ -43,6 +43,10 @@ _PROBE_REQUEST = ("SELECT NULL::omni_http.http_method AS method, NULL::pg_catalo
 _INT4 = struct.Struct("!i")
 _ARRAY_HEADER = struct.Struct("!iiIii")       # ndim, has nulls, element type, length, lower bound
 _EMPTY_TEXT_ARRAY = struct.pack("!iiI", 0, 0, 25)
+_ARRAY_EMPTY = struct.Struct("!iiI")
+#: an http_header element: its length, the record's field count, the name's type and length
+_HEADER_ELEMENT = struct.Struct("!iiIi")
+_TEXT_FIELD = struct.Struct("!Ii")
 _AFTER_FAILURE = b"omni_httpd_after_request"
 
 #: Our SQLSTATEs from omni_httpd._before_request: handler function changed / temporary
@@ -85,6 +89,9 @@ class Installed:
     #: ``function`` is empty: nothing was created in the session)
     nonatomic: bool = False
     role: Optional[str] = None
+    #: routes only: the oid of omni_http.http_header (the request's headers are passed
+    #: as one omni_http.http_header[] parameter)
+    header_type: int = 0
 
 
 def error_text(exc: psycopg.Error) -> str:
@@ -194,17 +201,19 @@ def install_route(conn: psycopg.Connection, route_id: int, generation: int, hand
     sql/009_routes.sql. The caller deallocates a previous statement of the same route.
     """
     name = route_function_name(route_id, generation)
-    oid, xmin, kind, role, call_statement, method_type = conn.execute(
+    oid, xmin, kind, role, call_statement, method_type, header_type = conn.execute(
         "SELECT i.function_oid::pg_catalog.int8, i.function_xmin::pg_catalog.text, i.kind, "
         "i.role_name::pg_catalog.text, i.call_statement, "
-        "'omni_http.http_method'::pg_catalog.regtype::pg_catalog.oid::pg_catalog.int8 "
+        "'omni_http.http_method'::pg_catalog.regtype::pg_catalog.oid::pg_catalog.int8, "
+        "'omni_http.http_header'::pg_catalog.regtype::pg_catalog.oid::pg_catalog.int8 "
         "FROM omni_httpd._install_route(%s, %s::pg_catalog.oid::pg_catalog.regprocedure, "
         "%s::pg_catalog.oid::pg_catalog.regclass) i",
         (name, handler_oid, router_oid)).fetchone()
     statement = route_statement_name(route_id)
     if kind == "nonatomic":
         # The CALL names every parameter's type: it need not use all fifteen.
-        types = [23, int(method_type), 25, 25, 17, 1009, 1009, 25, 25, 23, 1009, 1009, 17, 25, 16]
+        types = [23, int(method_type), 25, 25, 17, int(header_array_type(conn, header_type)), 1009, 25, 25, 23,
+                 1009, 1009, 17, 25, 16]
         # Parsed as the role it runs as: the daemon's own role may not even see its schema.
         conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role)))
         try:
@@ -216,7 +225,7 @@ def install_route(conn: psycopg.Connection, route_id: int, generation: int, hand
                                  "%s::pg_catalog.oid::pg_catalog.regprocedure, "
                                  "%s::pg_catalog.oid::pg_catalog.regclass) s",
                                  (handler_oid, router_oid)).fetchone()[0]
-        return Installed("", statement, signature, nonatomic=True, role=role)
+        return Installed("", statement, signature, nonatomic=True, role=role, header_type=int(header_type))
     call_text = sql.SQL(
         "SELECT * FROM pg_temp.{}($1, omni_httpd._before_request($2, {}::pg_catalog.oid, {}::pg_catalog.xid, $16), "
         "$3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) WITH ORDINALITY").format(
@@ -227,7 +236,13 @@ def install_route(conn: psycopg.Connection, route_id: int, generation: int, hand
         if not conn.broken:
             drop_function(conn, name)
         raise
-    return Installed(name, statement, kind)
+    return Installed(name, statement, kind, header_type=int(header_type))
+
+
+def header_array_type(conn: psycopg.Connection, header_type: int) -> int:
+    """The oid of the array type of omni_http.http_header."""
+    return conn.execute("SELECT t.typarray::pg_catalog.int8 FROM pg_catalog.pg_type t "
+                        "WHERE t.oid OPERATOR(pg_catalog.=) %s::pg_catalog.oid", (header_type,)).fetchone()[0]
 
 
 def drop_function(conn: psycopg.Connection, name: str) -> None:
@@ -308,53 +323,93 @@ def parameters(request: Request, own_objects: int) -> List[Optional[bytes]]:
             text_array(names), text_array(values), _INT4.pack(own_objects)]
 
 
-def read_text_array(data: Optional[bytes]) -> Optional[List[str]]:
-    """A one-dimensional text[] from PostgreSQL's binary array format."""
-    if data is None:
-        return None
-    ndim = _INT4.unpack_from(data, 0)[0]
-    if ndim == 0:
-        return []
-    count = _INT4.unpack_from(data, 12)[0]
-    offset = 12 + 8 * ndim
-    unpack = _INT4.unpack_from
-    items: List[str] = []
-    for _ in range(count):
-        length = unpack(data, offset)[0]
-        offset += 4
-        if length < 0:
-            items.append(None)
-            continue
-        items.append(data[offset:offset + length].decode("utf-8"))
-        offset += length
-    return items
-
-
 def read_row(res: pq.abc.PGresult) -> Optional[HandlerRow]:
-    """The handler result row of a successful call (binary results), or None for no row."""
+    """The outcome of a successful call (one binary ``omni_httpd._handler_outcome`` row),
+    or None for no outcome (no row, or a NULL kind)."""
     if res.ntuples == 0:
         return None
     value = res.get_value
     kind = value(0, 0)
+    if kind is None:
+        return None
     status = value(0, 1)
-    proxy_url = value(0, 5)
-    preserve_host = value(0, 6)
-    body = value(0, 4)
-    return (kind.decode("utf-8") if kind is not None else None,
+    proxy_url = value(0, 4)
+    preserve_host = value(0, 5)
+    body = value(0, 3)
+    names, values = read_header_array(value(0, 2))
+    return (kind.decode("utf-8"),
             _INT4.unpack(status)[0] if status is not None else None,
-            read_text_array(value(0, 2)), read_text_array(value(0, 3)),
+            names, values,
             bytes(body) if body is not None else None,
             proxy_url.decode("utf-8") if proxy_url is not None else None,
             preserve_host == b"\x01" if preserve_host is not None else None)
+
+
+def read_header_array(data: Optional[bytes]) -> Tuple[Optional[List[str]], Optional[List[str]]]:
+    """Names and values of a one-dimensional omni_http.http_header[] in PostgreSQL's
+    binary format (each element a record of two text fields); a NULL element or field
+    reads as None."""
+    if data is None:
+        return None, None
+    data = bytes(data)
+    names: List[Optional[str]] = []
+    values: List[Optional[str]] = []
+    if _INT4.unpack_from(data, 0)[0] == 0:
+        return names, values
+    count = _INT4.unpack_from(data, 12)[0]
+    offset = 20
+    unpack = _INT4.unpack_from
+    for _ in range(count):
+        length = unpack(data, offset)[0]
+        offset += 4
+        if length < 0:
+            names.append(None)
+            values.append(None)
+            continue
+        end = offset + length
+        offset += 4                     # the record's field count: 2
+        fields = []
+        while offset < end:
+            size = unpack(data, offset + 4)[0]      # after the field's type oid
+            offset += 8
+            if size < 0:
+                fields.append(None)
+            else:
+                fields.append(data[offset:offset + size].decode("utf-8"))
+                offset += size
+        names.append(fields[0])
+        values.append(fields[1])
+    return names, values
+
+
+def header_array(headers: Sequence[Tuple[str, str]], header_type: int) -> bytes:
+    """The request's headers as an omni_http.http_header[] in PostgreSQL's binary array
+    format (records of two text fields)."""
+    if not headers:
+        return _ARRAY_EMPTY.pack(0, 0, header_type)
+    parts = [_ARRAY_HEADER.pack(1, 0, header_type, len(headers), 1)]
+    append = parts.append
+    pack_element = _HEADER_ELEMENT.pack
+    pack_int = _INT4.pack
+    for name, value in headers:
+        if "\x00" in value:
+            raise HandlerError("request contains a NUL character")
+        name_data = name.encode("utf-8")
+        value_data = value.encode("utf-8")
+        append(pack_element(20 + len(name_data) + len(value_data), 2, 25, len(name_data)))
+        append(name_data)
+        append(_TEXT_FIELD.pack(25, len(value_data)))
+        append(value_data)
+    return b"".join(parts)
 
 
 _NO_OUTCOME: List[Optional[bytes]] = [None] * 7
 
 
 def route_parameters(request: Request, route_row: str, outcome: Optional[HandlerRow],
-                     own_objects: int) -> List[Optional[bytes]]:
-    """The sixteen binary parameters of a route call."""
-    base = parameters(request, own_objects)
+                     own_objects: int, header_type: int) -> List[Optional[bytes]]:
+    """The sixteen binary parameters of a route call: the request's headers as one
+    omni_http.http_header[] ($6; $7 is unused)."""
     if outcome is None:
         flat = _NO_OUTCOME
     else:
@@ -363,7 +418,9 @@ def route_parameters(request: Request, route_row: str, outcome: Optional[Handler
                 text_array(names) if names is not None else None,
                 text_array(values) if values is not None else None, body, _text(proxy_url),
                 None if preserve_host is None else (b"\x01" if preserve_host else b"\x00")]
-    return ([_INT4.pack(request.listener_id)] + base[:6] + [_route_text(route_row)] + flat + [base[6]])
+    return ([_INT4.pack(request.listener_id), _text(request.method), _text(request.path),
+             _text(request.query_string), request.body, header_array(request.headers, header_type), None,
+             _route_text(route_row)] + flat + [_INT4.pack(own_objects)])
 
 
 @functools.lru_cache(maxsize=1024)
@@ -376,13 +433,13 @@ def call_route(conn: psycopg.Connection, installed: Installed, request: Request,
                outcome: Optional[HandlerRow], own_objects: int,
                clean_after_failure: bool = True) -> Optional[HandlerRow]:
     """Run one route for ``request`` with the outcome so far; as `call` for errors."""
-    params = route_parameters(request, route_row, outcome, own_objects)
+    params = route_parameters(request, route_row, outcome, own_objects, installed.header_type)
     if installed.nonatomic:
         return _call_nonatomic(conn, installed, params[:15], own_objects)
     return _execute(conn, installed, params, clean_after_failure)
 
 
-_FLATTEN = b"SELECT * FROM omni_httpd._flatten_outcome($1::pg_catalog.text::omni_httpd.http_outcome)"
+_FLATTEN = b"SELECT * FROM omni_httpd._outcome_row($1::pg_catalog.text::omni_httpd.http_outcome)"
 
 
 def _call_nonatomic(conn: psycopg.Connection, installed: Installed, params: List[Optional[bytes]],

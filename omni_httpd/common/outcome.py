@@ -1,6 +1,6 @@
 """From a handler's result row to a `Response`: what an outcome means (docs/sql-api.md).
 
-`response_from_row` is pure: it turns an ``omni_httpd._handler_result`` row (or None for
+`response_from_row` is pure: it turns a handler's outcome row (handler_call.read_row; None for
 "no rows") into a `Response`, `response.ABORT`, or a `ProxyOutcome`. The worker's
 executor (worker/executor.py) applies it to what its DB thread returns, and the console's
 try-a-request to what its own session returns, so a handler's result means the same

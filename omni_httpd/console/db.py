@@ -323,7 +323,7 @@ def try_handler(dsn: str, query: str, role_name: str, method: str, path: str,
     way the worker does it (handler_call.py: described without running, run as its role,
     values as protocol parameters), inside one transaction that is rolled back, and the
     session is closed afterwards, so nothing the handler did or left outlives the try.
-    Returns the ``omni_httpd._handler_result`` row as a tuple (None: zero rows), ready
+    Returns the outcome as handler_call.read_row gives it (None: no outcome), ready
     for `omni_httpd.outcome.response_from_row`.
     """
     from omni_httpd.common import handler_call

@@ -410,7 +410,8 @@ class DBThread:
             return installed.statement, handler_call.parameters(request, own_objects), None
         routes, request = args
         installed, route = self._single_handler(routes)
-        parameters = handler_call.route_parameters(request, route.row, None, own_objects)
+        parameters = handler_call.route_parameters(request, route.row, None, own_objects,
+                                                     installed.header_type)
         return installed.statement, parameters, route
 
     def _run_pipelined(self, batch: List[Tuple[Callable, tuple, Deferred]],
@@ -524,7 +525,7 @@ class DBThread:
     def run(self, handler_id: int, request: Request) -> Deferred:
         """Run handler ``handler_id`` for ``request``: one ``EXECUTE``, one round trip.
 
-        Fires with the ``omni_httpd._handler_result`` row as a tuple (kind, status,
+        Fires with the outcome (``handler_call.read_row``) as a tuple (kind, status,
         header_names, header_values, body bytes, proxy_url, preserve_host), or None when
         the handler returned no rows. Fails with `HandlerError` (answer 500) or
         `DatabaseUnavailable` (answer 503).
