@@ -540,3 +540,25 @@ async def test_temporary_objects_left_in_a_pipeline_do_not_reach_the_requests_be
     # again after the reset; the second make_temp could only succeed in a clean session.
     assert [(ok, value[4] if ok else str(value)) for ok, value in outcomes] == [
         (True, b"made"), (True, b"0"), (True, b"0"), (True, b"made")]
+
+
+def test_every_pipelined_call_gets_an_outcome_when_the_connection_breaks_under_it(dsn):
+    """The server went away before the calls were sent: sending one fails, and that
+    call, like every other, must still get its outcome (the database is unavailable: a
+    503). A call left without one was a request that hung until the client gave up."""
+    import psycopg
+
+    from omni_httpd.common import handler_call
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.pgconn.prepare(b"one", b"SELECT 1").status == psycopg.pq.ExecStatus.COMMAND_OK
+        pid = conn.pgconn.backend_pid
+        sql(dsn, "SELECT pg_terminate_backend(%s)", (pid,))
+        deadline = time.monotonic() + 10
+        while sql(dsn, "SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)):
+            assert time.monotonic() < deadline, "the backend did not end"
+            time.sleep(0.02)
+        calls = [(b"one", [], True)] * 40      # more than one socket write's worth of none
+        outcomes = list(handler_call.call_pipelined(conn, calls, lambda index: True, 8))
+    assert sorted(index for index, _outcome, _seconds in outcomes) == list(range(40))
+    assert all(isinstance(outcome, DatabaseUnavailable) for _index, outcome, _seconds in outcomes), outcomes

@@ -589,10 +589,12 @@ def call_pipelined(conn: psycopg.Connection, calls: Sequence[PipelinedCall],
                         yield index, SKIPPED, 0.0
                     continue
                 statement, values, quick = calls[index]
-                pgconn.send_query_prepared(statement, values, [1] * len(values), 1)
-                pgconn.pipeline_sync()
+                # In flight before it is sent: if sending fails (the connection broke),
+                # the call still gets its outcome below, with the others.
                 in_flight.append((index, time.monotonic()))
                 slow_in_flight += not quick
+                pgconn.send_query_prepared(statement, values, [1] * len(values), 1)
+                pgconn.pipeline_sync()
                 sent = True
             if sent:
                 send_all(pgconn)
