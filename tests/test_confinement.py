@@ -135,7 +135,7 @@ def test_a_handler_cannot_change_its_own_function_to_run_as_the_daemon(site):
               AND p.proname LIKE 'omni_httpd_h%'
             ORDER BY p.oid DESC LIMIT 1;     -- its own: the last one installed
             EXECUTE format('ALTER FUNCTION %s SECURITY INVOKER', f);
-            EXECUTE format($f$CREATE OR REPLACE FUNCTION %s RETURNS omni_httpd._handler_outcome
+            EXECUTE format($f$CREATE OR REPLACE FUNCTION %s RETURNS SETOF omni_httpd._handler_outcome
                 LANGUAGE plpgsql AS $b$ BEGIN EXECUTE 'ALTER ROLE {m} SUPERUSER'; END $b$$f$,
                 f::text);
             RETURN 'changed ' || f::text;

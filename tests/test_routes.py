@@ -453,7 +453,8 @@ def test_the_route_runtime_pins_its_search_path(site):
           AND (p.proname IN ('register_router', 'urlpattern') OR p.proname LIKE '\\_route%%'
                OR p.proname LIKE '%%urlpattern%%' OR p.proname LIKE '%%router%%'
                OR p.proname IN ('_check_route', '_controls_transactions', '_install_route',
-                                '_outcome_row', '_flatten_expression', '_login_role_is_unprivileged'))
+                                '_outcome_row', '_flatten_columns', '_flatten_expression',
+                                '_login_role_is_unprivileged'))
           AND NOT coalesce(array_to_string(p.proconfig, ',') LIKE '%%search_path=%%', false)""")
     assert unpinned == [("omni_httpd.urlpattern(text,text,text,omni_http.http_method,text,integer,text,text,text)",)]
 

@@ -330,7 +330,7 @@ def test_installed_function_is_a_security_definer_in_pg_temp(db):
     assert rows(db, "SELECT p.prosecdef, n.nspname = pg_my_temp_schema()::regnamespace::name,"
                     " p.prorettype::regtype::text, p.proretset"
                     " FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE p.proname = 'h_42_7'") == [
-        (True, True, "omni_httpd._handler_outcome", False)]
+        (True, True, "omni_httpd._handler_outcome", True)]
 
 
 def test_installed_function_can_be_prepared_and_replaced(db):

@@ -1,14 +1,15 @@
 -- One outcome row (docs/performance.md, "One outcome row"): a handler or route function
--- now returns exactly one row of omni_httpd._handler_outcome, its headers as the
--- response's own omni_http.http_header[] (the worker reads the binary array), with
--- kind NULL for "no outcome". Before, it returned at most one row of
--- omni_httpd._handler_result through RETURN QUERY, with the header names and values
--- split into two arrays by two subqueries: every request paid the executor start-up
--- of that statement. Now the flattening is one simple PL/pgSQL expression, and a route
--- function runs no statement of its own at all: the worker passes the request's headers
--- as one omni_http.http_header[] parameter, so building the request is simple too.
--- Measured with callgrind on W1 (PostgreSQL instructions per call, docs/performance.md):
--- handler 450k -> 377k, route 512k -> 388k.
+-- now returns its outcome as omni_httpd._handler_outcome, its headers as the response's
+-- own omni_http.http_header[] (the worker reads the binary array); no row, or a NULL
+-- kind, is "no outcome". Before, it returned omni_httpd._handler_result, with the header
+-- names and values split into two arrays by two subqueries: every request paid the
+-- executor start-up of those. A route function now runs no statement of its own at
+-- all: the worker passes the request's headers as one omni_http.http_header[]
+-- parameter, so building the request is a simple expression, and so is the flattening.
+-- A handler function keeps its one RETURN QUERY (the handler query and the flattening in
+-- one statement), which copies a large body the fewest times. PostgreSQL instructions
+-- per call (bench/pg_instructions.py): W1 handler 450k -> 399k, route 512k -> 384k; a
+-- 256 KiB body (W3) 3.61M -> 3.56M.
 --
 -- The functions are otherwise those of 012_pipelining.sql and 009_routes.sql.
 
@@ -22,16 +23,17 @@ CREATE TYPE omni_httpd._handler_outcome AS (
 );
 GRANT USAGE ON TYPE omni_httpd._handler_outcome TO PUBLIC;
 
--- The expression that flattens the omni_httpd.http_outcome held in `variable` (PL/pgSQL
--- text) into omni_httpd._handler_outcome: one text for handler functions, route
--- functions and omni_httpd._outcome_row. Only the kind's fields are meaningful to the
--- worker; a response without headers has an empty array.
-CREATE FUNCTION omni_httpd._flatten_expression(variable text)
+-- The columns of omni_httpd._handler_outcome for the omni_httpd.http_outcome held in
+-- `variable` (SQL text): one text for handler functions (as a select list), route
+-- functions and omni_httpd._outcome_row (as a row, _flatten_expression). Only the
+-- kind's fields are meaningful to the worker; a response without headers has an empty
+-- array.
+CREATE FUNCTION omni_httpd._flatten_columns(variable text)
     RETURNS text
     LANGUAGE sql IMMUTABLE
     SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT pg_catalog.format($flat$ROW(
+    SELECT pg_catalog.format($flat$
     CASE WHEN (%1$s).abort THEN 'abort'
          WHEN ((%1$s).proxy).url IS NOT NULL THEN 'proxy'
          WHEN pg_catalog.num_nonnulls((%1$s).response) OPERATOR(pg_catalog.>) 0 THEN 'response' END,
@@ -42,8 +44,14 @@ AS $$
     ((%1$s).response).body,
     ((%1$s).proxy).url,
     CASE WHEN ((%1$s).proxy).url IS NOT NULL THEN coalesce(((%1$s).proxy).preserve_host, true) END
-    )::omni_httpd._handler_outcome$flat$, $1)
+$flat$, $1)
 $$;
+
+CREATE FUNCTION omni_httpd._flatten_expression(variable text)
+    RETURNS text
+    LANGUAGE sql IMMUTABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$ SELECT 'ROW(' || omni_httpd._flatten_columns($1) || ')::omni_httpd._handler_outcome' $$;
 
 -- What a non-atomic procedure left in its OUT parameter, flattened the same way (the
 -- worker reads it in a statement of its own). Replaces omni_httpd._flatten_outcome.
@@ -103,23 +111,22 @@ BEGIN
     END IF;
     wrapping := omni_httpd._wrap_handler_query($2, request_select, aliases);
 
-    -- Parameters are unnamed and the one variable's name holds a space, so that no
+    -- Parameters are unnamed and there are no OUT parameters or variables, so that no
     -- PL/pgSQL variable can be mistaken for a column of the handler (use_column covers
-    -- FOUND). One statement runs the handler; the flattening after it is a simple
-    -- expression (no executor start-up). SELECT INTO, not an assignment from a scalar
-    -- subquery: a data-modifying WITH must stay at the top level. Into a record, whose
-    -- one column is the outcome: a composite target would take the outcome's fields
-    -- from the columns.
+    -- FOUND). One statement runs the handler and flattens its outcome: the LIMIT keeps
+    -- the planner from pulling the outcome's computation up into each column. (Selecting
+    -- the outcome INTO a variable and flattening it in a simple expression costs fewer
+    -- instructions for a small answer, but copies a large body twice more: 256 KiB cost
+    -- 3.6M -> 5.1M instructions.) No row, or a NULL kind, is "no outcome".
     function_body := pg_catalog.format(
 $body$
 #variable_conflict use_column
-DECLARE
-"omni_httpd result" record;
 BEGIN
-%s
-SELECT %s AS o %s LIMIT 1 INTO "omni_httpd result";
+RETURN QUERY
+%s,
+omni_httpd_outcome AS (SELECT %s AS o %s LIMIT 1)
+SELECT %s FROM omni_httpd_outcome AS s;
 PERFORM omni_httpd._after_request();
-RETURN %s;
 EXCEPTION WHEN OTHERS OR query_canceled OR assert_failure THEN
     PERFORM omni_httpd._after_request();
     RAISE;
@@ -128,7 +135,7 @@ $body$,
         pg_catalog.rtrim(wrapping.wrapped, E'\n'),
         outcome,
         CASE WHEN wrapping.returns_rows THEN 'FROM omni_httpd_handler' ELSE '' END,
-        omni_httpd._flatten_expression('"omni_httpd result".o'));
+        omni_httpd._flatten_columns('s.o'));
 
     -- SET search_path FROM CURRENT takes the value set just before, without writing it
     -- into the statement.
@@ -137,7 +144,7 @@ $body$,
     EXECUTE pg_catalog.format('DROP FUNCTION IF EXISTS %s', qualified);
     PERFORM pg_catalog.set_config('search_path', omni_httpd._handler_search_path(), true);
     EXECUTE pg_catalog.format(
-        'CREATE FUNCTION %s RETURNS omni_httpd._handler_outcome LANGUAGE plpgsql '
+        'CREATE FUNCTION %s RETURNS SETOF omni_httpd._handler_outcome LANGUAGE plpgsql '
         'SECURITY DEFINER SET search_path FROM CURRENT AS %L', qualified, function_body);
     PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
     EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', qualified);
@@ -298,5 +305,5 @@ $body$, declarations, invocation, omni_httpd._flatten_expression('outcome'));
 END
 $$;
 
-GRANT EXECUTE ON FUNCTION omni_httpd._flatten_expression(text),
+GRANT EXECUTE ON FUNCTION omni_httpd._flatten_columns(text), omni_httpd._flatten_expression(text),
     omni_httpd._outcome_row(omni_httpd.http_outcome) TO PUBLIC;
