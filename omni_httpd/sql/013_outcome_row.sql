@@ -68,6 +68,37 @@ $do$;
 -- A non-atomic procedure's request is built in its CALL from the same parameters.
 DROP FUNCTION omni_httpd._route_request(omni_http.http_method, text, text, bytea, text[], text[]);
 
+-- Creating a handler or route function in the worker's session (the one way both
+-- installers do it): SECURITY DEFINER, owned by `owner` (which the caller must be able
+-- to become; PostgreSQL checks), executable only by the caller, with the handler search
+-- path pinned (SET search_path FROM CURRENT takes the value set just before, without
+-- writing it into the statement). A function of that name is replaced, never reused:
+-- DROP, not CREATE OR REPLACE, which would keep its owner and privileges. Returns the
+-- function's oid and row version (checked before every call).
+CREATE FUNCTION omni_httpd._create_session_function(qualified text, returns text, body text, owner name,
+                                                    OUT function_oid oid, OUT function_xmin xid)
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    installer name := current_user;
+BEGIN
+    EXECUTE pg_catalog.format('DROP FUNCTION IF EXISTS %s', $1);
+    PERFORM pg_catalog.set_config('search_path', omni_httpd._handler_search_path(), true);
+    EXECUTE pg_catalog.format(
+        'CREATE FUNCTION %s RETURNS %s LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS %L',
+        $1, $2, $3);
+    PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+    EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', $1);
+    IF $4 OPERATOR(pg_catalog.<>) installer THEN
+        EXECUTE pg_catalog.format('ALTER FUNCTION %s OWNER TO %I', $1, $4);
+        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO %I', $1, installer);
+    END IF;
+    SELECT p.oid, p.xmin INTO function_oid, function_xmin
+    FROM pg_catalog.pg_proc p WHERE p.oid OPERATOR(pg_catalog.=) $1::pg_catalog.regprocedure;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION omni_httpd._install_handler(fname text, query text, role_name name,
                                             column_types regtype[],
                                             OUT function_oid oid, OUT function_xmin xid)
@@ -82,7 +113,6 @@ DECLARE
     signature constant text := '(omni_http.http_method, pg_catalog.text, pg_catalog.text, '
                                'pg_catalog.bytea, pg_catalog.text[], pg_catalog.text[])';
     new_owner name := coalesce($3, current_user);
-    installer name := current_user;
     width int := coalesce(pg_catalog.array_length($4, 1), 0);
     outcome_column int;
     outcome text;
@@ -137,23 +167,9 @@ $body$,
         CASE WHEN wrapping.returns_rows THEN 'FROM omni_httpd_handler' ELSE '' END,
         omni_httpd._flatten_columns('s.o'));
 
-    -- SET search_path FROM CURRENT takes the value set just before, without writing it
-    -- into the statement.
-    -- A function of that name is replaced, never reused: DROP, not CREATE OR REPLACE,
-    -- which would keep its owner and privileges.
-    EXECUTE pg_catalog.format('DROP FUNCTION IF EXISTS %s', qualified);
-    PERFORM pg_catalog.set_config('search_path', omni_httpd._handler_search_path(), true);
-    EXECUTE pg_catalog.format(
-        'CREATE FUNCTION %s RETURNS SETOF omni_httpd._handler_outcome LANGUAGE plpgsql '
-        'SECURITY DEFINER SET search_path FROM CURRENT AS %L', qualified, function_body);
-    PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
-    EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', qualified);
-    IF new_owner <> installer THEN
-        EXECUTE pg_catalog.format('ALTER FUNCTION %s OWNER TO %I', qualified, new_owner);
-        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO %I', qualified, installer);
-    END IF;
-    SELECT p.oid, p.xmin INTO function_oid, function_xmin
-    FROM pg_catalog.pg_proc p WHERE p.oid = qualified::regprocedure;
+    SELECT f.function_oid, f.function_xmin INTO function_oid, function_xmin
+    FROM omni_httpd._create_session_function(qualified, 'SETOF omni_httpd._handler_outcome',
+                                             function_body, new_owner) f;
 END
 $$;
 
@@ -173,7 +189,6 @@ DECLARE
     invocation text;
     declarations text;
     function_body text;
-    installer name := current_user;
     qualified text := pg_catalog.format(
         'pg_temp.%I(pg_catalog.int4, omni_http.http_method, pg_catalog.text, pg_catalog.text, '
         'pg_catalog.bytea, omni_http.http_header[], pg_catalog.text[], pg_catalog.text, '
@@ -289,21 +304,12 @@ EXCEPTION WHEN OTHERS OR query_canceled OR assert_failure THEN
 END
 $body$, declarations, invocation, omni_httpd._flatten_expression('outcome'));
 
-    EXECUTE pg_catalog.format('DROP FUNCTION IF EXISTS %s', qualified);
-    PERFORM pg_catalog.set_config('search_path', omni_httpd._handler_search_path(), true);
-    EXECUTE pg_catalog.format(
-        'CREATE FUNCTION %s RETURNS omni_httpd._handler_outcome LANGUAGE plpgsql '
-        'SECURITY DEFINER SET search_path FROM CURRENT AS %L', qualified, function_body);
-    PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
-    EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', qualified);
-    IF role_name <> installer THEN
-        EXECUTE pg_catalog.format('ALTER FUNCTION %s OWNER TO %I', qualified, role_name);
-        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO %I', qualified, installer);
-    END IF;
-    SELECT p.oid, p.xmin INTO function_oid, function_xmin
-    FROM pg_catalog.pg_proc p WHERE p.oid OPERATOR(pg_catalog.=) qualified::pg_catalog.regprocedure;
+    SELECT f.function_oid, f.function_xmin INTO function_oid, function_xmin
+    FROM omni_httpd._create_session_function(qualified, 'omni_httpd._handler_outcome',
+                                             function_body, role_name) f;
 END
 $$;
 
 GRANT EXECUTE ON FUNCTION omni_httpd._flatten_columns(text), omni_httpd._flatten_expression(text),
+    omni_httpd._create_session_function(text, text, text, name),
     omni_httpd._outcome_row(omni_httpd.http_outcome) TO PUBLIC;
