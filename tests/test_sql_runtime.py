@@ -343,3 +343,29 @@ def test_installed_function_can_be_prepared_and_replaced(db):
         assert conn.execute(run, args, prepare=True).fetchone()[3] == b"one"
         conn.execute("SELECT omni_httpd._install_handler('handler', %s, NULL)", ("SELECT 'two'",))
         assert conn.execute(run, args, prepare=True).fetchone()[3] == b"two"
+
+
+@pytest.mark.parametrize("headers, names, values", [
+    ("ARRAY[]::omni_http.http_header[]", [], []),
+    ("NULL", [], []),
+    ("ARRAY[omni_http.http_header('x-é', 'ünï ✓'), omni_http.http_header('x-empty', '')]",
+     ["x-é", "x-empty"], ["ünï ✓", ""]),
+    ("ARRAY[omni_http.http_header(NULL, 'v'), omni_http.http_header('n', NULL), NULL]",
+     [None, "n", None], ["v", None, None]),
+])
+def test_the_worker_reads_the_response_headers_as_postgresql_sent_them(db, headers, names, values):
+    """The worker reads the outcome's headers from PostgreSQL's binary array of records
+    itself (handler_call.read_header_array): NULL elements and fields, empty strings and
+    non-ASCII text come out as they went in."""
+    from omni_httpd.common import handler_call
+    from omni_httpd.common.request import Request
+
+    query = "SELECT omni_httpd.http_response('b', 201, %s)" % headers
+    with psycopg.connect(db.dsn, autocommit=True) as conn:
+        handler_call.prepare_session(conn)
+        installed = handler_call.install(conn, 1, 1, query, None)
+        row = handler_call.call(conn, installed, Request("GET", "/", None, [("host", "x")]), own_objects=1)
+    kind, status, got_names, got_values, body, _url, _preserve = row
+    assert (kind, status, body) == ("response", 201, b"b")
+    # http_response adds the default content-type where none was given
+    assert (got_names, got_values) == (names + ["content-type"], values + ["text/plain; charset=utf-8"])
