@@ -172,6 +172,13 @@ def test_headers_lower_cased_in_arrival_order():
     assert req.headers[-1][0] == "omnigres-connecting-ip"
 
 
+def test_header_values_are_utf8_when_valid_else_latin1_as_over_http2():
+    c = Conn()
+    c.send(b"GET / HTTP/1.1\r\nHost: h\r\nX-U: \xc3\xbcn\xc3\xaf \xe2\x9c\x93\r\nX-L: caf\xe9\r\n\r\n")
+    [req] = c.dispatch.requests
+    assert req.headers[1:3] == [("x-u", "\u00fcn\u00ef \u2713"), ("x-l", "caf\u00e9")]
+
+
 def test_a_client_sent_connecting_ip_is_replaced_by_the_peer_address():
     c = Conn()
     c.send(b"GET / HTTP/1.1\r\nHost: h\r\nOmnigres-Connecting-IP: 6.6.6.6\r\n"

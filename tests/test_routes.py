@@ -305,6 +305,22 @@ def test_connecting_ip_cannot_be_spoofed(site, clean_routes):
         site.change("DELETE FROM omni_httpd.listeners WHERE id = %s", (listener,))
 
 
+def test_a_route_gets_the_request_headers_in_order_and_intact(site, clean_routes):
+    """The worker passes the request's headers to a route as one binary
+    omni_http.http_header[] (handler_call.header_array): order, empty values and
+    non-ASCII text arrive as the client sent them."""
+    site.change("""
+        CREATE OR REPLACE FUNCTION public.echo_headers(request omni_httpd.http_request) RETURNS omni_httpd.http_outcome
+        LANGUAGE sql AS $$ SELECT omni_httpd.http_response((SELECT string_agg(h.name || '=' || h.value, '|' ORDER BY n)
+            FROM unnest(request.headers) WITH ORDINALITY AS h(name, value, n) WHERE h.name LIKE 'x-%') || '.') $$;
+        INSERT INTO omni_httpd.urlpattern_router VALUES
+            (omni_httpd.urlpattern('/headers'), 'public.echo_headers(omni_httpd.http_request)', 0);
+    """)
+    sent = {"X-B": "2", "X-A": "ünï ✓".encode("utf-8"), "X-Empty": b""}
+    status, _, body = site.get("/headers", headers=sent)
+    assert (status, body.decode("utf-8")) == (200, "x-b=2|x-a=ünï ✓|x-empty=.")
+
+
 # -- attacks on the new surface --------------------------------------------------------
 
 def test_a_router_of_an_unprivileged_role_cannot_run_a_superuser_function(site):

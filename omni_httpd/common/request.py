@@ -15,6 +15,16 @@ METHODS = frozenset(
 )
 
 
+def header_text(value: bytes) -> str:
+    """A header name or value as the handler sees it, over HTTP/1 and HTTP/2 alike:
+    UTF-8 when the bytes are valid UTF-8, else Latin-1 (every byte one character; never
+    fails)."""
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
+
+
 @dataclass
 class Request:
     """A complete HTTP request, protocol-independent.

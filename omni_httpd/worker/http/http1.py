@@ -74,7 +74,7 @@ from zope.interface import implementer
 
 from omni_httpd.common.client_address import forwarding_trust, with_connecting_ip
 from omni_httpd.common.exchange import finish, format_peer, log_access, send_now
-from omni_httpd.common.request import METHODS, Request, split_target
+from omni_httpd.common.request import METHODS, Request, header_text, split_target
 from omni_httpd.common.response import REASONS, Response, error_response, internal_error
 from omni_httpd.worker.http.context import ListenerContext
 
@@ -452,7 +452,7 @@ class HTTP1Protocol(Protocol):
             self._chunked = True                   # llhttp insists chunked comes last
         elif lname == b"expect":
             self._expect_continue = value.strip().lower() == b"100-continue"
-        self._headers.append((lname.decode("latin-1"), value.decode("latin-1")))
+        self._headers.append((lname.decode("latin-1"), header_text(value)))
 
     def on_headers_complete(self) -> None:
         if self._synthetic:

@@ -72,7 +72,7 @@ from zope.interface import implementer
 
 from omni_httpd.common.client_address import forwarding_trust, with_connecting_ip
 from omni_httpd.common.exchange import finish, log_access, peer_of, send_now
-from omni_httpd.common.request import METHODS, Request, split_target
+from omni_httpd.common.request import METHODS, Request, header_text, split_target
 from omni_httpd.common.response import Response, error_response, internal_error
 from omni_httpd.worker.http.context import ListenerContext
 
@@ -117,14 +117,6 @@ _H2_CONFIG = H2Configuration(client_side=False, header_encoding=None,
                              validate_outbound_headers=False,
                              normalize_outbound_headers=False)
 
-
-
-def _text(value: bytes) -> str:
-    """Header bytes as text: UTF-8 when valid, else Latin-1 (never fails)."""
-    try:
-        return value.decode("utf-8")
-    except UnicodeDecodeError:
-        return value.decode("latin-1")
 
 
 class BodyBudget:
@@ -409,7 +401,7 @@ class HTTP2Protocol(Protocol):
                 if cookie_at < 0:
                     cookie_at = len(headers)
                     headers.append(("cookie", ""))
-                cookies.append(_text(value))
+                cookies.append(header_text(value))
                 continue
             if name == b"content-length":
                 try:
@@ -418,16 +410,16 @@ class HTTP2Protocol(Protocol):
                     declared_length = None
             elif name == b"expect" and value.lower() == b"100-continue":
                 expect_continue = True
-            headers.append((_text(name), _text(value)))
+            headers.append((header_text(name), header_text(value)))
         if cookie_at >= 0:
             headers[cookie_at] = ("cookie", "; ".join(cookies))
         authority = pseudo.get(b":authority")
         if authority is not None and not any(name == "host" for name, _ in headers):
-            headers.insert(0, ("host", _text(authority)))
+            headers.insert(0, ("host", header_text(authority)))
         stream.headers = headers
-        stream.method = _text(pseudo.get(b":method", b""))
+        stream.method = header_text(pseudo.get(b":method", b""))
         stream.head = stream.method == "HEAD"
-        stream.target = _text(pseudo.get(b":path", b""))
+        stream.target = header_text(pseudo.get(b":path", b""))
 
         if size > self.settings.max_header_size:
             self._reject(stream, 431, "Request header fields too large")
