@@ -187,3 +187,25 @@ def warnings():
     globalLogPublisher.addObserver(observer)
     yield events
     globalLogPublisher.removeObserver(observer)
+
+
+@pytest.fixture
+def revoked_public_user(empty_dsn, make_role):
+    """A connection, as a new role without rights, to a database whose schema was
+    installed after ALTER DEFAULT PRIVILEGES REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC
+    (as some managed databases are): the migrations must grant what roles need."""
+    from omni_httpd.master import migrations
+
+    admin = psycopg2.connect(empty_dsn)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute("ALTER DEFAULT PRIVILEGES REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC")
+    migrations.apply(admin)
+    user = psycopg2.connect(empty_dsn.replace("user=postgres", "user=%s" % make_role()))
+    try:
+        yield user
+    finally:
+        user.close()
+        with admin.cursor() as cur:
+            cur.execute("ALTER DEFAULT PRIVILEGES GRANT EXECUTE ON FUNCTIONS TO PUBLIC")
+        admin.close()

@@ -118,22 +118,10 @@ def test_apply_as_the_non_superuser_owner_of_the_database(pg_cluster, make_role)
         admin.close()
 
 
-def test_api_is_usable_by_every_role_even_when_public_execute_is_revoked(empty_dsn, make_role):
-    admin = psycopg2.connect(empty_dsn)
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute("ALTER DEFAULT PRIVILEGES REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC")
-    migrations.apply(admin)
-    role = make_role()
-    user = psycopg2.connect(empty_dsn.replace("user=postgres", "user=%s" % role))
-    try:
-        assert one(user, "SELECT convert_from((omni_httpd.http_response('x')::omni_httpd.http_response).body,"
-                         " 'UTF8') || omni_http.http_header_get(ARRAY[omni_http.http_header('a', 'b')], 'a')") == "xb"
-    finally:
-        user.close()
-        with admin.cursor() as cur:
-            cur.execute("ALTER DEFAULT PRIVILEGES GRANT EXECUTE ON FUNCTIONS TO PUBLIC")
-        admin.close()
+def test_api_is_usable_by_every_role_even_when_public_execute_is_revoked(revoked_public_user):
+    user = revoked_public_user
+    assert one(user, "SELECT convert_from((omni_httpd.http_response('x')::omni_httpd.http_response).body,"
+                     " 'UTF8') || omni_http.http_header_get(ARRAY[omni_http.http_header('a', 'b')], 'a')") == "xb"
 
 
 # -- initialize_default ---------------------------------------------------------------------

@@ -635,27 +635,15 @@ def test_documented_handlers_work(db):
     assert call(db, "cookie", headers=[("Cookie", "a=b; seen=41")]).header_values[0] == "seen=41; Path=/"
 
 
-def test_usable_by_a_role_without_rights_even_when_public_execute_is_revoked(empty_dsn, make_role):
-    admin = psycopg2.connect(empty_dsn)
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute("ALTER DEFAULT PRIVILEGES REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC")
-    migrations.apply(admin)
-    role = make_role()
-    user = psycopg2.connect(empty_dsn.replace("user=postgres", "user=%s" % role))
-    try:
-        assert one(user, "SELECT omni_web.param_get(omni_web.parse_query_string('a=%C3%A9')::omni_web.params, 'a')"
-                         " || omni_web.param_get('b=1', 'b') || omni_web.url_encode(' ') || omni_web.uri_decode('%20')"
-                         " || omni_web.cookie_get('c=d', 'c') || (omni_web.set_cookie('e', 'f')).value") == \
-            "\u00e91%20 de=f"
-        assert rows(user, "SELECT name, convert_from(body, 'UTF8') FROM omni_web.parse_multipart("
-                          "convert_to(E'--b\\r\\ncontent-disposition: form-data; name=x\\r\\n\\r\\ny\\r\\n--b--', 'UTF8'),"
-                          " 'multipart/form-data; boundary=b')") == [("x", "y")]
-    finally:
-        user.close()
-        with admin.cursor() as cur:
-            cur.execute("ALTER DEFAULT PRIVILEGES GRANT EXECUTE ON FUNCTIONS TO PUBLIC")
-        admin.close()
+def test_usable_by_a_role_without_rights_even_when_public_execute_is_revoked(revoked_public_user):
+    user = revoked_public_user
+    assert one(user, "SELECT omni_web.param_get(omni_web.parse_query_string('a=%C3%A9')::omni_web.params, 'a')"
+                     " || omni_web.param_get('b=1', 'b') || omni_web.url_encode(' ') || omni_web.uri_decode('%20')"
+                     " || omni_web.cookie_get('c=d', 'c') || (omni_web.set_cookie('e', 'f')).value") == \
+        "\u00e91%20 de=f"
+    assert rows(user, "SELECT name, convert_from(body, 'UTF8') FROM omni_web.parse_multipart("
+                      "convert_to(E'--b\\r\\ncontent-disposition: form-data; name=x\\r\\n\\r\\ny\\r\\n--b--', 'UTF8'),"
+                      " 'multipart/form-data; boundary=b')") == [("x", "y")]
 
 
 def test_error_messages_never_carry_a_request_line_break(web):
